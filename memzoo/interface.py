@@ -1,0 +1,151 @@
+"""The one interface every memory design implements. Read this file first.
+
+A *memory design* replaces self-attention inside a transformer block. It is a token mixer that
+carries a state from one call to the next, so that a stream of any length can be fed to it in
+pieces of any size:
+
+    state = module.init_state(batch_size)
+    for piece in stream:                      # piece: [b, n, d], any n >= 1
+        y, state = module(piece, state)       # y: [b, n, d]
+
+Dimension legend (used in every comment and einops pattern in memzoo):
+
+    b  batch                     h  heads
+    n  tokens in this call       s  tokens in a segment (a design's own unit of work)
+    c  tokens in a chunk         d  model width
+    k  key/query head dim        v  value head dim
+    m  memory slots (cache entries, persistent tokens)
+    l  layers                    t  cached tokens (keys/values kept by an eviction policy)
+
+Rules every design keeps (the conformance suite in ``tests/test_interface.py`` checks them):
+
+* **Split invariance**: outputs depend on the stream, never on how it was cut into calls.
+  A design with a segment length or an eviction rhythm counts stream positions and keeps the
+  unfinished segment in its state.
+* **Causality**: no output depends on a later token.
+* **Bounded state**: ``state.nbytes()`` is bounded by the config, whatever the stream length
+  (only ``full`` grows).
+* **No position overflow**: no position larger than the config allows is ever used.
+* **State in, state out**: a module never stores state on ``self`` and never modifies the state
+  it was given (so a state can be reused, e.g. to ask several questions after one long context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors"]
+
+
+def map_tensors(value: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor inside ``value`` (tensors, MemoryStates, lists, tuples, dicts)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, MemoryState):
+        return dataclasses.replace(
+            value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)}
+        )
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _iter_tensors(value: Any):
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, MemoryState):
+        for f in dataclasses.fields(value):
+            yield from _iter_tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _iter_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _iter_tensors(v)
+
+
+@dataclasses.dataclass
+class MemoryState:
+    """Everything a :class:`MemoryModule` carries from one call to the next.
+
+    Designs subclass it as a ``@dataclass`` whose fields are tensors (or nested states, lists of
+    them, or plain ints such as a stream position). ``detach``, ``nbytes`` and ``to`` work on any
+    such subclass without extra code.
+    """
+
+    def detach(self) -> MemoryState:
+        """A copy whose tensors are cut from the autograd graph (a truncated-BPTT boundary)."""
+        return map_tensors(self, Tensor.detach)
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors. Bounded designs stay flat as the stream grows."""
+        seen: set[int] = set()
+        total = 0
+        for t in _iter_tensors(self):
+            if id(t) not in seen:  # a tensor shared by two fields counts once
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def to(self, device=None, dtype=None) -> MemoryState:
+        """Move every tensor (floating tensors only are cast to ``dtype``)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return map_tensors(self, move)
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """Base of every design's config dataclass (its fields are the design's knobs).
+
+    A design's config knows how to build its module, so the registry only stores configs.
+    """
+
+    def build_module(self, d_model: int, n_heads: int, layer_idx: int) -> MemoryModule:
+        raise NotImplementedError
+
+
+class MemoryModule(nn.Module):
+    """A token mixer with memory: replaces self-attention in a block.
+
+    Subclasses implement :meth:`init_state` and :meth:`forward`. They may define
+    ``reset_memory_parameters()`` to give their own parameters a special initialisation (e.g. a
+    gate bias); the backbone calls it after its generic init of Linear/Embedding/RMSNorm.
+    """
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> MemoryState:
+        """The state before the first token of a stream.
+
+        Args:
+            batch_size: b, the number of streams processed side by side.
+            device: where the state's tensors live (default: the module's parameters' device).
+            dtype: floating dtype of the state (default: float32; memory maths stays in fp32
+                under autocast).
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """Mix the next ``n >= 1`` tokens of the stream.
+
+        Args:
+            x: [b, n, d] the next tokens' hidden states.
+            state: the state returned by the previous call (or ``init_state``).
+
+        Returns:
+            y: [b, n, d] and the next state. ``state`` itself is left untouched.
+        """
+        raise NotImplementedError
+
+    def _default_device(self, device) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")

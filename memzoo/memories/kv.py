@@ -1,0 +1,396 @@
+"""KV-cache eviction: softmax attention over a bounded cache, and the policies that choose it.
+
+``CachedAttention`` is the shared machinery: the queries of each piece attend over
+``[cache | piece]``, the piece's keys/values join the cache, and every ``evict_every`` stream
+tokens an :class:`EvictionPolicy` scores the cached tokens and the best ``budget`` stay. A policy
+implements one method, :meth:`EvictionPolicy.score`; the module does the rest.
+
+Positions (why a model trained on 4K tokens never sees an unknown position at 1M): keys are
+cached *un-rotated*, and RoPE is applied at attention time with **slot positions**, as
+StreamingLLM does: a cached token's position is its slot index in the cache, and a new token's is
+the next free slot. Eviction compacts the cache (kept tokens keep their order), so positions never
+exceed ``budget + evict_every``. Without eviction (``full``) slots are stream positions.
+
+Eviction rhythm (why outputs do not depend on how the stream is cut into calls): eviction happens
+when the stream position reaches a multiple of ``evict_every``, never at call boundaries. A call
+that crosses such a boundary is processed in pieces cut there. Between evictions the cache grows
+by up to ``evict_every`` tokens, so its buffers are allocated once at ``budget + evict_every``
+slots: ``state.nbytes()`` is constant for the whole stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..interface import MemoryConfig, MemoryModule, MemoryState
+from ..ops.attention import attend
+from ..ops.rope import apply_rope
+from ..registry import register
+
+__all__ = [
+    "KVConfig",
+    "KVCacheState",
+    "CachedAttention",
+    "EvictionPolicy",
+    "KeepAll",
+    "RecentTokens",
+    "SinksAndRecent",
+    "FullConfig",
+    "WindowConfig",
+    "SinksConfig",
+    "select_slots",
+    "gather_slots",
+]
+
+
+# ---------------------------------------------------------------------------------- state
+@dataclass
+class KVCacheState(MemoryState):
+    """A bounded KV cache (one layer).
+
+    Attributes:
+        keys: [b, h, C, k] un-rotated keys; C is the capacity (``budget + evict_every``).
+        values: [b, h, C, v].
+        valid: [b, h, C] bool, True where a slot holds a kept token (policies may keep different
+            numbers of tokens per head, leaving holes that attention masks out).
+        token_pos: [b, h, C] long, stream position of the token in each slot (-1 if empty).
+        length: slots in use: ``[0, length)``; the next token is written at slot ``length``.
+        position: stream tokens seen so far.
+        policy: the policy's own state, or None. Its tensor fields shaped [b, h, C, ...] are
+            per-slot and are compacted together with the cache at each eviction.
+    """
+
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    token_pos: Tensor
+    length: int = 0
+    position: int = 0
+    policy: MemoryState | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+# ---------------------------------------------------------------------------------- policies
+class EvictionPolicy(nn.Module):
+    """What to keep. Subclasses implement :meth:`score`; everything else has a default.
+
+    A policy is an ``nn.Module`` so that learned policies (NAMM) save their parameters with the
+    model. Checklist for a new policy: subclass, implement ``score``; if it needs the attention
+    each token receives, set ``needs_attention = True`` and implement ``init_state`` / ``observe``
+    (per-slot tensors shaped [b, h, C, ...] are compacted for you); add a ``KVConfig`` subclass
+    whose ``make_policy`` returns it, and ``@register`` a builder. The conformance suite then checks it.
+    """
+
+    #: ask CachedAttention for attention probabilities and call :meth:`observe` with them
+    needs_attention: bool = False
+
+    def score(self, cache: KVCacheState) -> Tensor:
+        """Scores of the cached tokens, higher = keep.
+
+        Args:
+            cache: the cache right before eviction (its slots ``[0, cache.length)`` matter).
+
+        Returns:
+            [b, h, cache.length] float. ``-inf`` means evict even if the budget has room; the
+            module keeps the ``budget`` best (ties go to the more recent token) and always keeps
+            the newest token.
+        """
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, n_heads: int, capacity: int, device) -> MemoryState | None:
+        """The policy's state for a new stream (None if it needs none)."""
+        return None
+
+    def observe(self, cache: KVCacheState, probs: Tensor, n_new: int) -> MemoryState | None:
+        """Update the policy state after one attention call (only if ``needs_attention``).
+
+        Args:
+            cache: the cache including the ``n_new`` tokens just written (slots
+                ``[cache.length - n_new, cache.length)``).
+            probs: [b, h, n_new, cache.length] attention probabilities of the new queries.
+
+        Returns:
+            the new policy state.
+        """
+        return cache.policy
+
+
+class KeepAll(EvictionPolicy):
+    """``full``: never evict."""
+
+    def score(self, cache: KVCacheState) -> Tensor:
+        return torch.zeros(cache.valid[..., : cache.length].shape, device=cache.keys.device)
+
+
+class RecentTokens(EvictionPolicy):
+    """``window``: keep the most recent tokens."""
+
+    def score(self, cache: KVCacheState) -> Tensor:
+        return cache.token_pos[..., : cache.length].float()
+
+
+class SinksAndRecent(EvictionPolicy):
+    """``sinks``: the first ``n_sinks`` tokens of the stream plus the most recent (StreamingLLM)."""
+
+    def __init__(self, n_sinks: int = 4):
+        super().__init__()
+        self.n_sinks = n_sinks
+
+    def score(self, cache: KVCacheState) -> Tensor:
+        pos = cache.token_pos[..., : cache.length].float()
+        return pos.masked_fill(pos < self.n_sinks, float("inf"))
+
+
+# ---------------------------------------------------------------------------------- slot maths
+def select_slots(scores: Tensor, token_pos: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """Which slots stay: the ``budget`` highest scores, ties to the most recent, in slot order.
+
+    Args:
+        scores: [b, h, L] (``-inf`` = must go).
+        token_pos: [b, h, L] stream positions (the tie-breaker).
+        budget: slots to keep at most.
+
+    Returns:
+        idx [b, h, B] slot indices in increasing order (B = min(budget, L)), and keep [b, h, B]
+        bool, False for the padding entries of heads that keep fewer than B tokens.
+    """
+    B = min(budget, scores.shape[-1])
+    # recency first, then a stable sort by score: equal scores stay ordered most-recent-first
+    by_recency = token_pos.argsort(dim=-1, descending=True, stable=True)
+    ranked = by_recency.gather(-1, scores.gather(-1, by_recency).argsort(dim=-1, descending=True, stable=True))
+    chosen = ranked[..., :B]  # [b, h, B]
+    keep = scores.gather(-1, chosen) > float("-inf")
+    L = scores.shape[-1]
+    # put the dropped ones last, then restore slot (= temporal) order among the kept ones
+    chosen_key = torch.where(keep, chosen, chosen + L)
+    order = chosen_key.argsort(dim=-1)
+    return chosen.gather(-1, order), keep.gather(-1, order)
+
+
+def gather_slots(t: Tensor, idx: Tensor, capacity: int) -> Tensor:
+    """Compact per-slot tensor ``t`` [b, h, C, ...] to the slots ``idx`` [b, h, B], padded to ``capacity``."""
+    extra = t.shape[3:]
+    g = t.gather(2, idx.reshape(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
+    pad = t.new_zeros(*t.shape[:2], capacity - idx.shape[2], *extra)
+    return torch.cat([g, pad], dim=2)
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class FullConfig(MemoryConfig):
+    """``full``: softmax attention over a cache that never evicts (the reference; memory grows)."""
+
+    def make_policy(self) -> EvictionPolicy:
+        return KeepAll()
+
+    def build_module(self, backbone, layer_idx: int) -> CachedAttention:
+        return CachedAttention(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
+
+
+@dataclass
+class KVConfig(FullConfig):
+    """Softmax attention over a cache that an eviction policy keeps within ``budget`` tokens.
+
+    Subclasses say which policy (``make_policy``) and add its knobs.
+
+    Attributes:
+        budget: tokens kept after each eviction.
+        evict_every: eviction rhythm in stream tokens (NAMM's 512 by default); between two
+            evictions the cache holds up to ``budget + evict_every`` tokens.
+    """
+
+    budget: int = 1024
+    evict_every: int = 512
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget must be a positive int, got {self.budget!r}; use 'full' for an unbounded cache")
+        if not isinstance(self.evict_every, int) or self.evict_every < 1:
+            raise ValueError(f"evict_every must be a positive int, got {self.evict_every!r}")
+
+    def make_policy(self) -> EvictionPolicy:
+        raise NotImplementedError
+
+
+@dataclass
+class WindowConfig(KVConfig):
+    """``window``: keep the most recent ``budget`` tokens."""
+
+    def make_policy(self) -> EvictionPolicy:
+        return RecentTokens()
+
+
+@dataclass
+class SinksConfig(KVConfig):
+    """``sinks``: keep the first ``n_sinks`` tokens and the most recent (StreamingLLM, arXiv 2309.17453)."""
+
+    n_sinks: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.n_sinks < self.budget:
+            raise ValueError(f"n_sinks must lie in [0, budget={self.budget}), got {self.n_sinks}")
+
+    def make_policy(self) -> EvictionPolicy:
+        return SinksAndRecent(self.n_sinks)
+
+
+@register("full")
+def full() -> FullConfig:
+    return FullConfig()
+
+
+@register("window")
+def window() -> WindowConfig:
+    return WindowConfig()
+
+
+@register("sinks")
+def sinks() -> SinksConfig:
+    return SinksConfig()
+
+
+# ---------------------------------------------------------------------------------- module
+class CachedAttention(MemoryModule):
+    """Multi-head softmax attention over a KV cache managed by an eviction policy.
+
+    Args:
+        d_model: d.
+        n_heads: h (head dim k = d / h).
+        config: :class:`FullConfig` (no eviction) or a :class:`KVConfig` subclass (it makes the policy).
+        rope_theta: RoPE base for slot positions.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: FullConfig, rope_theta: float = 10000.0):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.config = config
+        self.budget: int | None = getattr(config, "budget", None)  # None: never evict
+        self.evict_every: int | None = getattr(config, "evict_every", None)
+        self.rope_theta = rope_theta
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.policy = config.make_policy()
+
+    @property
+    def bounded(self) -> bool:
+        return self.budget is not None
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> KVCacheState:
+        device = self._default_device(device)
+        dtype = dtype or self.qkv.weight.dtype
+        b, h, k = batch_size, self.n_heads, self.head_dim
+        C = self.budget + self.evict_every if self.bounded else 0
+        return KVCacheState(
+            keys=torch.zeros(b, h, C, k, device=device, dtype=dtype),
+            values=torch.zeros(b, h, C, k, device=device, dtype=dtype),
+            valid=torch.zeros(b, h, C, dtype=torch.bool, device=device),
+            token_pos=torch.full((b, h, C), -1, dtype=torch.long, device=device),
+            policy=self.policy.init_state(b, h, C, device),
+        )
+
+    def forward(self, x: Tensor, state: KVCacheState) -> tuple[Tensor, KVCacheState]:
+        q, k, v = rearrange(self.qkv(x), "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
+        n, outs, start = x.shape[1], [], 0
+        while start < n:
+            # cut the call at the next eviction boundary of the stream
+            room = self.evict_every - state.position % self.evict_every if self.bounded else n
+            end = min(n, start + room)
+            o, state = self._attend_piece(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], state)
+            outs.append(o)
+            if self.bounded and state.position % self.evict_every == 0:
+                state = self._evict(state)
+            start = end
+        y = rearrange(torch.cat(outs, dim=2), "b h n k -> b n (h k)")
+        return self.out(y), state
+
+    def _attend_piece(self, q: Tensor, k: Tensor, v: Tensor, state: KVCacheState) -> tuple[Tensor, KVCacheState]:
+        """Write the piece into the cache, then its queries attend over slots [0, length + m)."""
+        m, L = q.shape[2], state.length
+        if not self.bounded and L + m > state.capacity:
+            state = _grow(state, max(L + m, 2 * state.capacity))
+        T = L + m
+        new_pos = torch.arange(state.position, state.position + m, device=q.device).expand(*q.shape[:2], m)
+        # out-of-place writes: the caller's state stays valid (and autograd sees no in-place op)
+        state = KVCacheState(
+            keys=state.keys.slice_scatter(k.to(state.keys.dtype), dim=2, start=L, end=T),
+            values=state.values.slice_scatter(v.to(state.values.dtype), dim=2, start=L, end=T),
+            valid=state.valid.slice_scatter(torch.ones_like(new_pos, dtype=torch.bool), dim=2, start=L, end=T),
+            token_pos=state.token_pos.slice_scatter(new_pos, dim=2, start=L, end=T),
+            length=T,
+            position=state.position + m,
+            policy=state.policy,
+        )
+        slots = torch.arange(T, device=q.device)
+        qr = apply_rope(q, slots[L:], self.rope_theta)  # [b, h, m, k]
+        kr = apply_rope(state.keys[:, :, :T].to(q.dtype), slots, self.rope_theta)  # [b, h, T, k]
+        valid = state.valid[:, :, :T]
+        holes = None if bool(valid[:, :, :L].all()) else valid[:, :, None, :]  # [b, h, 1, T]
+        vals = state.values[:, :, :T].to(q.dtype)
+        if self.policy.needs_attention:
+            out, probs = attend(qr, kr, vals, mask=holes, return_probs=True)
+            state.policy = self.policy.observe(state, probs, m)
+        else:
+            out = attend(qr, kr, vals, mask=holes)
+        return out, state
+
+    def _evict(self, state: KVCacheState) -> KVCacheState:
+        """Keep the policy's best ``budget`` tokens, compacted to the front of the cache."""
+        L = state.length
+        scores = self.policy.score(state).float().masked_fill(~state.valid[:, :, :L], float("-inf"))
+        scores[..., L - 1] = float("inf")  # the newest token always stays
+        if L <= self.budget and bool((scores > float("-inf")).all()):
+            return state  # nothing to evict: avoid copying the cache
+        idx, keep = select_slots(scores, state.token_pos[:, :, :L], self.budget)
+        C = state.capacity
+        policy = state.policy
+        if policy is not None:
+            policy = type(policy)(
+                **{
+                    f.name: _compact_if_per_slot(getattr(policy, f.name), idx, state)
+                    for f in fields(policy)
+                }
+            )
+        valid = gather_slots(state.valid, idx, C)
+        valid[:, :, : idx.shape[2]] &= keep
+        token_pos = gather_slots(state.token_pos, idx, C).masked_fill(~valid, -1)
+        return KVCacheState(
+            keys=gather_slots(state.keys, idx, C),
+            values=gather_slots(state.values, idx, C),
+            valid=valid,
+            token_pos=token_pos,
+            length=int(keep.sum(-1).max()),
+            position=state.position,
+            policy=policy,
+        )
+
+
+def _compact_if_per_slot(value, idx: Tensor, state: KVCacheState):
+    if isinstance(value, Tensor) and value.dim() >= 3 and value.shape[:3] == state.valid.shape:
+        return gather_slots(value, idx, state.capacity)
+    return value
+
+
+def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
+    """A larger copy of an unbounded cache (doubling keeps appends amortised O(1))."""
+
+    def pad(t: Tensor, fill) -> Tensor:
+        extra = t.new_full((*t.shape[:2], capacity - t.shape[2], *t.shape[3:]), fill)
+        return torch.cat([t, extra], dim=2)
+
+    return KVCacheState(
+        keys=pad(state.keys, 0),
+        values=pad(state.values, 0),
+        valid=pad(state.valid, False),
+        token_pos=pad(state.token_pos, -1),
+        length=state.length,
+        position=state.position,
+        policy=state.policy,
+    )

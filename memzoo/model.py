@@ -1,0 +1,433 @@
+"""The one backbone every memory design plugs into.
+
+A pre-norm decoder: token embedding -> n_layers x Block -> RMSNorm -> tied output head. Each
+Block is ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``, where *mixer* is the configured
+:class:`~memzoo.interface.MemoryModule` (it replaces self-attention). There is no absolute
+position embedding: each design places positions itself (RoPE on segment-local or slot positions),
+which is how a model trained on 4K tokens runs on 1M without seeing an unknown position.
+
+Labels convention: ``labels[:, t]`` is the token that should *follow* ``input_ids[:, t]`` (already
+shifted; -100 = ignore). transformers' models shift inside instead; memzoo does not, because a
+stream cut into segments would lose the prediction at every segment boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .config import MemZooConfig
+from .interface import MemoryModule, MemoryState
+from .registry import memory_config
+
+__all__ = ["MemZooForCausalLM", "MemZooState", "MemZooOutput", "StreamOutput", "RMSNorm", "SwiGLU", "Block"]
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 for stability."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [..., d]
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d, d_ff, bias=False)
+        self.up = nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [b, n, d]
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block whose token mixer is a memory design."""
+
+    def __init__(self, config: MemZooConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer: MemoryModule = memory_config(config.memory, **config.memory_config).build_module(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:  # x: [b, n, d]
+        y, state = self.mixer(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+@dataclass
+class MemZooState(MemoryState):
+    """The whole model's state: one design state per layer.
+
+    Attributes:
+        layers: the per-layer states, in layer order.
+        batch_size: b, checked against every input so a state is never applied to another batch.
+        position: tokens of the stream consumed so far.
+    """
+
+    layers: list
+    batch_size: int
+    position: int = 0
+
+
+@dataclass
+class MemZooOutput(ModelOutput):
+    """Output of :meth:`MemZooForCausalLM.forward`.
+
+    Attributes:
+        loss: mean cross-entropy over labels != -100 (None without labels).
+        logits: [b, n, vocab].
+        state: the state after these tokens.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    state: MemZooState | None = None
+
+
+@dataclass
+class StreamOutput:
+    """Output of :meth:`MemZooForCausalLM.stream`.
+
+    Attributes:
+        logits: [b, vocab] of the last token, or [b, n, vocab] with ``keep_logits=True``.
+        loss: mean cross-entropy over the whole stream's labels (None without labels).
+        state: the state after the stream.
+        n_tokens: tokens streamed.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    state: MemZooState
+    n_tokens: int
+
+
+class MemZooPreTrainedModel(PreTrainedModel):
+    config_class = MemZooConfig
+    base_model_prefix = "memzoo"
+    _no_split_modules = ["Block"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers calls this children-first, so a design's own reset runs after (and wins
+        # over) the generic init of its Linears. Use torch.nn.init functions only: transformers
+        # guards them so that weights loaded from a checkpoint are not overwritten.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        if hasattr(module, "reset_memory_parameters"):
+            module.reset_memory_parameters()
+
+
+class MemZooForCausalLM(MemZooPreTrainedModel):
+    """A causal LM whose every layer mixes tokens with the configured memory design.
+
+    Build one with :func:`memzoo.build`; load one with :func:`memzoo.load` or
+    ``transformers.AutoModelForCausalLM.from_pretrained`` (after ``import memzoo``).
+    """
+
+    def __init__(self, config: MemZooConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # Untied head only when asked: the tied one costs no parameters and keeps checkpoints small.
+        self.head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, *, tokenizer=None, dtype: torch.dtype | None = None, **kwargs) -> None:
+        """Save weights (safetensors), config and tokenizer, atomically.
+
+        Everything is written to a temporary folder beside ``save_directory`` and renamed into
+        place, so an interrupted save never leaves a half-written checkpoint under that name.
+
+        Args:
+            save_directory: target folder (replaced if it exists).
+            tokenizer: saved beside the weights (default: ``memzoo.tokenizer()``).
+            dtype: store floating weights in this dtype (e.g. ``torch.bfloat16`` to halve the size).
+            **kwargs: passed to ``transformers.PreTrainedModel.save_pretrained``.
+        """
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from .tokenizer import tokenizer as default_tokenizer
+
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            if dtype is not None:
+                kwargs["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
+            super().save_pretrained(tmp, **kwargs)
+            (tokenizer or default_tokenizer()).save_pretrained(tmp)
+            old = target.with_name(f".{target.name}.old")
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> MemZooState:
+        """The state before the first token: one design state per layer.
+
+        Args:
+            batch_size: b.
+            device: default: the model's device.
+            dtype: floating dtype of memory tensors (default float32).
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        device = device if device is not None else self.device
+        layers = [blk.mixer.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks]
+        return MemZooState(layers=layers, batch_size=batch_size)
+
+    def _check_inputs(self, input_ids: Tensor, state: MemZooState | None) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.LongTensor [b, n], got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; use .long()")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be 2-D [batch, tokens], got shape {tuple(input_ids.shape)}; "
+                "use input_ids[None] for a single sequence"
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty (0 tokens): feed at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got min {lo}, max {hi}; "
+                "was the input made with another tokenizer? use memzoo.tokenizer() or the checkpoint's"
+            )
+        if state is not None:
+            if not isinstance(state, MemZooState):
+                raise TypeError(f"state must be a MemZooState from model.init_state(), got {type(state).__name__}")
+            if state.batch_size != input_ids.shape[0]:
+                raise ValueError(
+                    f"state was made for batch size {state.batch_size} but input_ids has batch size "
+                    f"{input_ids.shape[0]}; call model.init_state({input_ids.shape[0]})"
+                )
+            if len(state.layers) != len(self.blocks):
+                raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.blocks)}")
+
+    def _logits(self, h: Tensor) -> Tensor:  # h: [b, n, d] -> [b, n, vocab]
+        h = self.norm(h)
+        return self.head(h) if self.head is not None else h @ self.embed.weight.T
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: MemZooState | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> MemZooOutput:
+        """Run the next segment of the stream.
+
+        Args:
+            input_ids: [b, n] token ids (n >= 1).
+            state: from :meth:`init_state` or the previous call (default: a fresh stream).
+            labels: [b, n] next-token targets, already shifted: ``labels[:, t]`` follows
+                ``input_ids[:, t]``; -100 is ignored.
+
+        Returns:
+            :class:`MemZooOutput` with ``loss`` (if labels), ``logits`` [b, n, vocab] and ``state``.
+        """
+        unexpected = set(kwargs) - {"return_dict", "use_cache", "output_attentions", "output_hidden_states"}
+        if unexpected:
+            raise TypeError(f"forward() got unexpected argument(s) {sorted(unexpected)}")
+        self._check_inputs(input_ids, state)
+        if state is None:
+            state = self.init_state(input_ids.shape[0], device=input_ids.device)
+        h = self.embed(input_ids)  # [b, n, d]
+        new_layers = []
+        for blk, layer_state in zip(self.blocks, state.layers):
+            h, layer_state = blk(h, layer_state)
+            new_layers.append(layer_state)
+        logits = self._logits(h)
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, input_ids)
+        next_state = MemZooState(layers=new_layers, batch_size=state.batch_size, position=state.position + input_ids.shape[1])
+        return MemZooOutput(loss=loss, logits=logits, state=next_state)
+
+    @staticmethod
+    def _loss(logits: Tensor, labels: Tensor, input_ids: Tensor, reduction: str = "mean") -> Tensor:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if input_ids.shape[1] > 1 and torch.equal(labels, input_ids):
+            raise ValueError(
+                "labels equal input_ids: memzoo labels are next-token targets, already shifted "
+                "(labels[:, t] follows input_ids[:, t]); pass input_ids=ids[:, :-1], labels=ids[:, 1:]"
+            )
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+    # ------------------------------------------------------------------ long streams
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: Tensor,
+        segment_len: int = 1024,
+        *,
+        state: MemZooState | None = None,
+        labels: Tensor | None = None,
+        keep_logits: bool = False,
+        progress: bool = False,
+    ) -> StreamOutput:
+        """Feed a stream of any length, ``segment_len`` tokens per call, in bounded memory.
+
+        Outputs do not depend on ``segment_len`` (split invariance); it only trades speed for
+        peak activation memory. Runs without gradients.
+
+        Args:
+            input_ids: [b, n] token ids, any n >= 1.
+            segment_len: tokens per forward call.
+            state: continue from this state (default: a fresh stream).
+            labels: [b, n] next-token targets (shifted; -100 ignored): the loss is averaged over
+                the whole stream.
+            keep_logits: return all logits [b, n, vocab] (costs n x vocab floats) instead of the
+                last token's [b, vocab].
+            progress: show a tqdm progress bar in tokens.
+
+        Returns:
+            :class:`StreamOutput`.
+        """
+        if not isinstance(segment_len, int) or segment_len < 1:
+            raise ValueError(f"segment_len must be a positive int, got {segment_len!r}")
+        self._check_inputs(input_ids, state)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if state is None:
+            state = self.init_state(input_ids.shape[0], device=input_ids.device)
+        n = input_ids.shape[1]
+        loss_sum = torch.zeros((), device=input_ids.device)
+        n_labels = 0
+        kept = []  # all logits with keep_logits, else only the latest segment's last token
+        bar = tqdm(total=n, unit="tok", unit_scale=True, disable=not progress, desc="stream")
+        for start in range(0, n, segment_len):
+            ids = input_ids[:, start : start + segment_len]
+            out = self(ids, state=state)
+            state = out.state
+            if labels is not None:
+                lab = labels[:, start : start + segment_len]
+                loss_sum += F.cross_entropy(out.logits.flatten(0, 1).float(), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                n_labels += int((lab != IGNORE_INDEX).sum())
+            if keep_logits:
+                kept.append(out.logits)
+            else:
+                kept = [out.logits[:, -1]]
+            bar.update(ids.shape[1])
+        bar.close()
+        logits = torch.cat(kept, dim=1) if keep_logits else kept[-1]
+        loss = loss_sum / max(n_labels, 1) if labels is not None else None
+        return StreamOutput(logits=logits, loss=loss, state=state, n_tokens=n)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int = 16,
+        *,
+        state: MemZooState | None = None,
+        segment_len: int = 1024,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, MemZooState]:
+        """Stream the prompt in bounded memory, then decode token by token.
+
+        Decoding one token at a time is exactly the computation training did (split invariance),
+        for every design.
+
+        Args:
+            input_ids: [b, n] prompt.
+            max_new_tokens: tokens to generate.
+            state: continue a stream (e.g. ask a second question after a long context).
+            segment_len: tokens per call while reading the prompt.
+            do_sample: sample (with ``temperature`` and nucleus ``top_p``) instead of greedy.
+            eos_token_id: rows that produce it stop; later positions are filled with it.
+            generator: RNG for sampling.
+            progress: progress bar over the prompt.
+            return_state: also return the state after the last generated token.
+
+        Returns:
+            [b, n + new] prompt followed by the generated tokens (and the state if asked).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        out = self.stream(input_ids, segment_len, state=state, progress=progress)
+        state, logits = out.state, out.logits  # logits: [b, vocab]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = []
+        for step in range(max_new_tokens):
+            next_id = _pick(logits, do_sample, temperature, top_p, generator)  # [b]
+            if eos_token_id is not None:
+                next_id = torch.where(done, torch.full_like(next_id, eos_token_id), next_id)
+                done |= next_id == eos_token_id
+            new.append(next_id)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            step_out = self(next_id[:, None], state=state)
+            state, logits = step_out.state, step_out.logits[:, -1]
+        if new:
+            ids = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+            if eos_token_id is not None and ids.shape[1] < input_ids.shape[1] + max_new_tokens:
+                pad = ids.new_full((ids.shape[0], input_ids.shape[1] + max_new_tokens - ids.shape[1]), eos_token_id)
+                ids = torch.cat([ids, pad], dim=1)
+        else:
+            ids = input_ids
+        return (ids, state) if return_state else ids
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> Tensor:
+    """Next token per row from logits [b, vocab]: argmax, or nucleus sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+

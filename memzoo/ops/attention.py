@@ -1,0 +1,101 @@
+"""One attention entry point for every design.
+
+Dispatch: flash-attn on CUDA when it is importable and the call needs no explicit mask, PyTorch
+SDPA otherwise, and an explicit-probabilities path for eviction policies that score tokens by the
+attention they receive (H2O, NAMM).
+
+Causality convention (flash-attn's "bottom-right" alignment): with s queries and t >= s keys, query
+i sits at key index ``t - s + i`` and may see keys up to that index. This is exactly the layout of
+"the segment's queries over [cache | segment]".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attend", "causal_mask", "flash_available"]
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure just means "not available"
+    _flash_attn_func = None
+
+
+def flash_available(device: torch.device) -> bool:
+    """Whether attention on ``device`` would use flash-attn."""
+    return _flash_attn_func is not None and torch.device(device).type == "cuda"
+
+
+def causal_mask(s: int, t: int, *, window: int | None = None, device=None) -> Tensor:
+    """Bottom-right aligned causal mask, True where query i may see key j.
+
+    Args:
+        s: queries; t: keys (t >= s); query i sits at key index ``t - s + i``.
+        window: if given, query i sees only the ``window`` most recent keys (itself included).
+
+    Returns:
+        [s, t] bool.
+    """
+    if t < s:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got s={s}, t={t}")
+    q_pos = torch.arange(t - s, t, device=device)[:, None]  # [s, 1]
+    k_pos = torch.arange(t, device=device)[None, :]  # [1, t]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    mask: Tensor | None = None,
+    return_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention.
+
+    Args:
+        q: [b, h, s, k] queries.
+        k: [b, h, t, k] keys; v: [b, h, t, v] values.
+        causal: bottom-right causal masking (see module docstring).
+        window: sliding window size for the causal mask (keys older than that are hidden).
+        mask: optional extra bool mask broadcastable to [b, h, s, t], True = may attend; combined
+            with the causal mask by AND. Every query must keep at least one key.
+        return_probs: also return the attention probabilities [b, h, s, t] (explicit path, fp32
+            softmax): what attention-scored eviction policies consume.
+
+    Returns:
+        out [b, h, s, v], and probs [b, h, s, t] if ``return_probs``.
+    """
+    s, t = q.shape[-2], k.shape[-2]
+    full_mask = mask
+    if causal and (t != s or window is not None or mask is not None or return_probs):
+        cm = causal_mask(s, t, window=window, device=q.device)
+        full_mask = cm if mask is None else (mask & cm)
+    elif window is not None:
+        raise ValueError("window needs causal=True")
+
+    if return_probs:
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [b, h, s, t]
+        if full_mask is not None:
+            scores = scores.masked_fill(~full_mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return (probs.to(v.dtype) @ v), probs
+
+    if mask is None and flash_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+        # flash-attn wants [b, s, h, k]; its causal flag is bottom-right aligned like ours.
+        w = (window - 1, 0) if window is not None else (-1, -1)
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window_size=w)
+        return out.transpose(1, 2)
+
+    if full_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask)

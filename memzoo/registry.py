@@ -1,0 +1,95 @@
+"""The registry: one name per memory design, a builder per name.
+
+A design registers a zero-argument *builder* that returns its config dataclass with the numbers
+that make it that design (torchtune-style: builders fix numbers, constructors stay small)::
+
+    @register("window")
+    def window() -> KVConfig:
+        return KVConfig(policy="window")
+
+``build(name, **overrides)`` then makes a whole model; overrides may name backbone fields
+(``d_model``, ``n_layers``...) or fields of the design's config (``budget``, ``segment_len``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from .config import BACKBONE_FIELDS, MemZooConfig
+from .interface import MemoryConfig
+
+__all__ = ["register", "available", "memory_config", "build"]
+
+_BUILDERS: dict[str, Callable[[], MemoryConfig]] = {}
+
+
+def register(name: str):
+    """Decorator: register a builder (``() -> MemoryConfig``) under ``name``."""
+
+    def decorator(builder: Callable[[], MemoryConfig]):
+        if name in _BUILDERS:
+            raise ValueError(f"memory design {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Registry names of every memory design, sorted."""
+    return sorted(_BUILDERS)
+
+
+def _check_name(name: str) -> None:
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, _BUILDERS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown memory {name!r}; {hint}available: {', '.join(available())}")
+
+
+def memory_config(name: str, **overrides: Any) -> MemoryConfig:
+    """The config dataclass of design ``name`` with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown name (with a did-you-mean and the list).
+        TypeError: an override that is not a field of the design's config.
+    """
+    _check_name(name)
+    config = _BUILDERS[name]()
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(f"{name!r} has no option {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}")
+    return dataclasses.replace(config, **overrides)
+
+
+def build(name: str, **overrides: Any):
+    """Build a :class:`~memzoo.MemZooForCausalLM` whose every layer uses memory design ``name``.
+
+    Args:
+        name: a name from :func:`available` (e.g. ``"titans-mac"``).
+        **overrides: backbone fields (``vocab_size, d_model, n_layers, n_heads, d_ff, rope_theta,
+            norm_eps, initializer_range, tie_word_embeddings``) and/or fields of the design's config.
+
+    Raises:
+        ValueError: unknown name.
+        TypeError: an override that is neither a backbone field nor a field of the design.
+
+    Example:
+        >>> model = memzoo.build("titans-mac", d_model=256, n_layers=4, segment_len=512)
+    """
+    from .model import MemZooForCausalLM  # model imports the registry: import late
+
+    _check_name(name)
+    design_fields = {f.name for f in dataclasses.fields(_BUILDERS[name]())}
+    backbone = {k: v for k, v in overrides.items() if k in BACKBONE_FIELDS}
+    design = {k: v for k, v in overrides.items() if k not in BACKBONE_FIELDS}
+    unknown = sorted(set(design) - design_fields)
+    if unknown:
+        valid = sorted(set(BACKBONE_FIELDS) | design_fields)
+        raise TypeError(f"build({name!r}) got unknown option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    config = memory_config(name, **design)
+    return MemZooForCausalLM(MemZooConfig(memory=name, memory_config=dataclasses.asdict(config), **backbone))

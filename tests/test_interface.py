@@ -1,0 +1,228 @@
+"""The conformance suite: every name in `memzoo.available()` passes the same checks.
+
+Adding a design means passing this file, nothing else. Designs are built tiny: backbone overrides
+plus the small values below for any standard knob the design's config has (a design that uses the
+standard names for its segment length, budget, chunk size... gets exercised across its own
+boundaries with short streams).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import memzoo
+from memzoo.registry import memory_config
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2)
+# Standard knob names -> small values, so that ~100 tokens cross several segments/evictions.
+SMALL_KNOBS = dict(budget=16, evict_every=8, segment_len=8, chunk_size=4, window=8, n_persistent=2)
+BOUNDED = [name for name in memzoo.available() if name != "full"]
+
+
+def tiny(name: str, **extra):
+    fields = {f.name for f in dataclasses.fields(memory_config(name))}
+    knobs = {k: v for k, v in SMALL_KNOBS.items() if k in fields}
+    torch.manual_seed(0)
+    return memzoo.build(name, **TINY, **knobs, **extra)
+
+
+def ids(b: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 259, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run_split(model, x: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    """Logits of ``x`` fed in pieces ending at ``cuts``."""
+    state, outs, start = model.init_state(x.shape[0]), [], 0
+    for end in [*cuts, x.shape[1]]:
+        if end > start:
+            out = model(x[:, start:end], state=state)
+            state, start = out.state, end
+            outs.append(out.logits)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture(params=memzoo.available())
+def name(request):
+    return request.param
+
+
+def test_available_lists_the_foundation():
+    assert {"full", "window", "sinks"} <= set(memzoo.available())
+    assert memzoo.available() == sorted(memzoo.available())
+
+
+def test_shapes(name):
+    model = tiny(name)
+    out = model(ids(2, 20))
+    assert out.logits.shape == (2, 20, model.config.vocab_size)
+    assert out.state.batch_size == 2 and out.state.position == 20
+    assert len(out.state.layers) == model.config.n_layers
+    assert torch.isfinite(out.logits).all()
+
+
+def test_split_invariance(name):
+    """One call, random cuts and token-by-token give the same outputs (fp32, atol 1e-5)."""
+    model = tiny(name).eval()
+    x = ids(2, 67)
+    with torch.no_grad():
+        whole = model(x).logits
+        cuts = sorted(torch.randperm(66, generator=torch.Generator().manual_seed(1))[:9].add(1).tolist())
+        torch.testing.assert_close(run_split(model, x, cuts), whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_split(model, x[:, :20], list(range(1, 20))), whole[:, :20], atol=1e-5, rtol=1e-5)
+
+
+def test_full_one_segment_equals_eight():
+    model = tiny("full").eval()
+    x = ids(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(run_split(model, x, list(range(8, 64, 8))), model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_causality(name):
+    """Changing token j leaves every output before j unchanged (and changes output j)."""
+    model = tiny(name).eval()
+    x = ids(1, 48)
+    j = 29
+    y = x.clone()
+    y[0, j] = (x[0, j] - 3 + 100) % 256 + 3
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :j], b[:, :j], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, j], b[:, j])
+
+
+def test_state_is_not_modified(name):
+    """State in, state out: feeding the same state twice gives the same result."""
+    model = tiny(name).eval()
+    with torch.no_grad():
+        state = model(ids(1, 30)).state
+        first = model(ids(1, 9, seed=1), state=state).logits
+        second = model(ids(1, 9, seed=1), state=state).logits
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_bounded_state(name):
+    """state.nbytes() is identical after 10 and after 200 segments."""
+    model = tiny(name).eval()
+    state = model.init_state(1)
+    sizes = {}
+    with torch.no_grad():
+        for i in range(200):
+            state = model(ids(1, 5, seed=i), state=state).state
+            if i + 1 in (10, 200):
+                sizes[i + 1] = state.nbytes()
+    assert sizes[10] == sizes[200] > 0
+
+
+def test_full_state_grows():
+    model = tiny("full").eval()
+    with torch.no_grad():
+        small = model(ids(1, 10)).state.nbytes()
+        big = model(ids(1, 300)).state.nbytes()
+    assert big > small
+
+
+def test_detach_cuts_the_graph(name):
+    model = tiny(name)
+    state = model(ids(1, 20)).state
+    detached = state.detach()
+    leaves = [t for t in _tensors(detached)]
+    assert leaves and all(t.grad_fn is None and not t.requires_grad for t in leaves)
+    assert detached.nbytes() == state.nbytes()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def test_every_parameter_gets_a_gradient(name):
+    """Two segments, so that paths through the memory state are used too."""
+    model = tiny(name)
+    x = ids(2, 41)
+    first = model(x[:, :20], labels=x[:, 1:21])
+    second = model(x[:, 20:40], state=first.state, labels=x[:, 21:41])
+    (first.loss + second.loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+def test_save_load_roundtrip(name, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tiny(name).eval()
+    x = ids(1, 25)
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".ckpt*")), "temporary folders left behind"
+    loaded = memzoo.load(tmp_path / "ckpt")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, atol=0, rtol=0)
+        torch.testing.assert_close(auto(x).logits, expected, atol=0, rtol=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert tok.decode(tok("pass key 42", add_special_tokens=False)["input_ids"]) == "pass key 42"
+
+
+def test_generate_matches_step_by_step(name):
+    model = tiny(name).eval()
+    prompt = ids(1, 23)
+    out = model.generate(prompt, max_new_tokens=5, segment_len=7)
+    assert out.shape == (1, 28) and torch.equal(out[:, :23], prompt)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+
+
+# ------------------------------------------------------------------------- bad inputs
+def test_unknown_name_suggests():
+    with pytest.raises(ValueError, match="did you mean 'window'.*available"):
+        memzoo.build("windw")
+
+
+def test_unknown_override_lists_valid_keys():
+    with pytest.raises(TypeError, match="unknown option.*'bogus'.*valid:.*d_model"):
+        memzoo.build("window", bogus=1)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.rand(1, 5), TypeError, "integer token ids"),
+        (torch.zeros(1, 5, 2, dtype=torch.long), ValueError, "2-D"),
+        (torch.zeros(5, dtype=torch.long), ValueError, "2-D"),
+        (torch.full((1, 5), 259), ValueError, r"\[0, 259\)"),
+        (torch.full((1, 5), -1), ValueError, r"\[0, 259\)"),
+        (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
+    ],
+)
+def test_bad_input_ids(name, bad, error, match):
+    with pytest.raises(error, match=match):
+        tiny(name)(bad)
+
+
+def test_state_of_another_batch_size(name):
+    model = tiny(name)
+    with pytest.raises(ValueError, match="batch size 3"):
+        model(ids(2, 5), state=model.init_state(3))
+
+
+def test_labels_equal_to_inputs_is_caught():
+    model = tiny("full")
+    x = ids(1, 10)
+    with pytest.raises(ValueError, match="already shifted"):
+        model(x, labels=x)

@@ -109,7 +109,14 @@ class MemoryConfig:
     A design's config knows how to build its module, so the registry only stores configs.
     """
 
-    def build_module(self, d_model: int, n_heads: int, layer_idx: int) -> MemoryModule:
+    def build_module(self, backbone, layer_idx: int) -> MemoryModule:
+        """The module for layer ``layer_idx`` of a backbone.
+
+        Args:
+            backbone: the model's :class:`~memzoo.MemZooConfig` (read ``d_model``, ``n_heads``,
+                ``rope_theta`` from it).
+            layer_idx: which layer (0-based).
+        """
         raise NotImplementedError
 
 

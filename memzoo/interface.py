@@ -75,8 +75,9 @@ class MemoryState:
     """Everything a :class:`MemoryModule` carries from one call to the next.
 
     Designs subclass it as a ``@dataclass`` whose fields are tensors (or nested states, lists of
-    them, or plain ints such as a stream position). ``detach``, ``nbytes`` and ``to`` work on any
-    such subclass without extra code.
+    them, or plain ints such as a stream position). ``detach``, ``nbytes``, ``to`` and
+    ``expand_batch`` work on any such subclass without extra code, given one convention:
+    **every tensor in a state has the batch as its first dimension** (the conformance suite checks it).
     """
 
     def detach(self) -> MemoryState:
@@ -92,6 +93,19 @@ class MemoryState:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
         return total
+
+    def expand_batch(self, batch_size: int) -> MemoryState:
+        """Copy a batch-1 state to ``batch_size`` rows (e.g. one shared context, several questions)."""
+
+        def expand(t: Tensor) -> Tensor:
+            if t.shape[0] != 1:
+                raise ValueError(f"expand_batch needs a state of batch size 1, got a tensor of shape {tuple(t.shape)}")
+            return t.expand(batch_size, *t.shape[1:]).contiguous()
+
+        expanded = map_tensors(self, expand)
+        if hasattr(expanded, "batch_size"):
+            expanded = dataclasses.replace(expanded, batch_size=batch_size)
+        return expanded
 
     def to(self, device=None, dtype=None) -> MemoryState:
         """Move every tensor (floating tensors only are cast to ``dtype``)."""

@@ -176,28 +176,14 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             dtype: store floating weights in this dtype (e.g. ``torch.bfloat16`` to halve the size).
             **kwargs: passed to ``transformers.PreTrainedModel.save_pretrained``.
         """
-        import os
-        import shutil
-        import tempfile
-        from pathlib import Path
-
+        from .io import atomic_directory
         from .tokenizer import tokenizer as default_tokenizer
 
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            if dtype is not None:
-                kwargs["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        if dtype is not None:
+            kwargs["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        with atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
             (tokenizer or default_tokenizer()).save_pretrained(tmp)
-            old = target.with_name(f".{target.name}.old")
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MemZooState:

@@ -94,6 +94,26 @@ def test_causality(name):
     assert not torch.allclose(a[:, j], b[:, j])
 
 
+def test_state_tensors_are_batch_first(name):
+    """The convention that lets detach/expand_batch work generically: dim 0 of every tensor is b."""
+    model = tiny(name).eval()
+    with torch.no_grad():
+        state = model(ids(3, 21)).state
+    shapes = [tuple(t.shape) for t in _tensors(state)]
+    assert shapes and all(s[0] == 3 for s in shapes), shapes
+
+
+def test_expand_batch_equals_repeated_rows(name):
+    """One context streamed once, then expanded, continues like the batch streamed row by row."""
+    model = tiny(name).eval()
+    ctx, tails = ids(1, 26), ids(2, 11, seed=5)
+    with torch.no_grad():
+        shared = model(ctx).state.expand_batch(2)
+        got = model(tails, state=shared).logits
+        want = model(torch.cat([ctx.expand(2, -1), tails], dim=1)).logits[:, 26:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_state_is_not_modified(name):
     """State in, state out: feeding the same state twice gives the same result."""
     model = tiny(name).eval()

@@ -1,0 +1,124 @@
+"""Run a training recipe from a YAML config (the files under ``recipes/configs/``).
+
+A recipe has three sections::
+
+    model:   {memory: infini, d_model: 128, n_layers: 3, ...}      # memzoo.build(**model)
+    task:    {name: passkey, curriculum: [...], ...}                # what batches look like
+    train:   {steps: 1500, lr: 0.004, segment_len: 256, ...}        # TrainConfig fields
+    eval:    {lengths: [...], depths: [...], n_keys: 5}             # read by the task's evaluator
+
+Tasks make batches through a ``batch_fn(step, generator)``; a curriculum is a list of stages
+``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..registry import build
+from ..tokenizer import tokenizer as default_tokenizer
+from .trainer import BatchFn, TrainConfig, Trainer
+
+__all__ = ["load_recipe", "make_batch_fn", "train_recipe", "TASKS"]
+
+SECTIONS = {"name", "model", "task", "train", "eval", "notes"}
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read and validate a recipe YAML (unknown sections or train keys raise with the valid ones)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe config at {str(path)!r}; the shipped ones are under recipes/configs/")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    unknown = set(recipe) - SECTIONS
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {sorted(SECTIONS)}")
+    for section in ("model", "task", "train"):
+        if not isinstance(recipe.get(section), dict):
+            raise ValueError(f"{path}: missing section {section!r} (a mapping)")
+    if "memory" not in recipe["model"]:
+        raise ValueError(f"{path}: model.memory (the registry name) is required")
+    valid_train = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = set(recipe["train"]) - valid_train
+    if bad:
+        raise ValueError(f"{path}: unknown train option(s) {sorted(bad)}; valid: {sorted(valid_train)}")
+    if recipe["task"].get("name") not in TASKS:
+        raise ValueError(f"{path}: task.name must be one of {sorted(TASKS)}, got {recipe['task'].get('name')!r}")
+    recipe.setdefault("name", path.stem)
+    return recipe
+
+
+def _stage(curriculum: list[dict], step: int, steps: int) -> dict:
+    for stage in curriculum:
+        if step < stage["until"] * steps:
+            return stage
+    return curriculum[-1]
+
+
+def _passkey_batch_fn(task: dict, steps: int) -> BatchFn:
+    from ..tasks.passkey import make_training_batch
+
+    tok = default_tokenizer()
+    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 1024), "batch_size": task.get("batch_size", 8)}]
+    options = {k: task[k] for k in ("needle_near_end_prob", "answer_weight", "copy_weight", "other_weight", "digits") if k in task}
+
+    def batch_fn(step: int, generator) -> dict:
+        stage = _stage(curriculum, step, steps)
+        return make_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
+
+    return batch_fn
+
+
+#: task name -> (task section, total steps) -> batch_fn
+TASKS = {"passkey": _passkey_batch_fn}
+
+
+def make_batch_fn(task: dict, steps: int) -> BatchFn:
+    """The batch function of a recipe's ``task`` section."""
+    return TASKS[task["name"]](task, steps)
+
+
+def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True, **train_overrides) -> dict:
+    """Train the recipe's model; the final model goes to ``out_dir/model``.
+
+    Args:
+        recipe: from :func:`load_recipe`.
+        out_dir: run folder (``last/`` checkpoint for resuming, ``log.jsonl``, ``model/``, ``run.json``).
+        resume: continue from ``out_dir/last`` if present.
+        progress: progress bar.
+        **train_overrides: TrainConfig fields that replace the recipe's (e.g. ``steps=5``).
+
+    Returns:
+        a summary dict (also written to ``out_dir/run.json``).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    train_cfg = TrainConfig(**{**recipe["train"], **train_overrides})
+    torch.manual_seed(train_cfg.seed)
+    model_cfg = dict(recipe["model"])
+    model = build(model_cfg.pop("memory"), **model_cfg)
+    trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir)
+    start = time.perf_counter()
+    history = trainer.fit(resume=resume, progress=progress)
+    wall = time.perf_counter() - start
+    model.save_pretrained(out_dir / "model")
+    summary = {
+        "recipe": recipe["name"],
+        "memory": recipe["model"]["memory"],
+        "steps": trainer.step,
+        "train_seconds": round(trainer.train_seconds, 1),
+        "wall_s_this_call": round(wall, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train": dataclasses.asdict(train_cfg),
+    }
+    if trainer.rank == 0:
+        (out_dir / "run.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,309 @@
+"""Training with truncated back-propagation through time over segments, resumable exactly.
+
+One optimisation step:
+
+1. ``batch_fn(step, generator)`` makes the global batch (deterministic from the step, so a resumed
+   run sees exactly the data it would have seen); under ``torch.distributed`` each rank takes its
+   rows.
+2. The sequence is fed ``segment_len`` tokens per call, carrying the memory state. The first
+   ``no_grad_prefix`` tokens are streamed without gradients (cheap long histories: memory sees
+   thousands of writes while back-propagation stays short). After every ``bptt_segments``
+   segments the loss so far is back-propagated and the state detached (truncated BPTT).
+3. Gradients are summed across ranks (the loss is normalised by the *global* label weight, so
+   N ranks give exactly the gradient of one process on the combined batch), clipped, AdamW steps.
+
+Checkpoints (``out_dir/last``) hold the model (safetensors + config + tokenizer), the optimizer
+moments (safetensors) and the step (JSON), written atomically; ``fit()`` resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..io import atomic_directory
+from ..model import IGNORE_INDEX, MemZooForCausalLM
+from .param_groups import param_groups
+
+__all__ = ["TrainConfig", "Trainer", "BatchFn", "weighted_loss"]
+
+#: ``batch_fn(step, generator) -> {"input_ids": [B, n], "labels": [B, n], "loss_weights": [B, n] (optional)}``
+BatchFn = Callable[[int, torch.Generator], dict]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults: the recipe that learned passkey on this CPU, FINDINGS.md).
+
+    Attributes:
+        steps: optimisation steps in all.
+        lr: peak learning rate (AdamW), after ``warmup_steps`` of linear warm-up, then cosine to
+            ``lr * min_lr_ratio``.
+        weight_decay: AdamW decoupled decay (norms, biases, embeddings and parameters a design
+            marks in ``optim_overrides`` get their own values, see ``param_groups``).
+        betas: AdamW betas.
+        grad_clip: global gradient-norm clip (0 = off).
+        segment_len: tokens per forward call (the memory's unit of truncation).
+        bptt_segments: back-propagate and detach the state every this many segments (0 = once per
+            sequence: full BPTT through memory).
+        no_grad_prefix: tokens at the start of every sequence streamed without gradients.
+        autocast: "bf16" (CPU/GPU autocast; memory maths stays fp32 inside the designs) or "none".
+        log_every / save_every: in steps (save_every 0 = only at the end).
+        max_minutes: stop (and save) after this wall time, even before ``steps`` (0 = no limit).
+        seed: seeds the model init and the data.
+    """
+
+    steps: int = 1000
+    lr: float = 4e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    segment_len: int = 256
+    bptt_segments: int = 0
+    no_grad_prefix: int = 0
+    autocast: str = "bf16"
+    log_every: int = 10
+    save_every: int = 100
+    max_minutes: float = 0.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # free-form notes saved with the run (e.g. the recipe name)
+
+    def __post_init__(self):
+        if self.autocast not in ("bf16", "none"):
+            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.steps < 1 or self.segment_len < 1:
+            raise ValueError("steps and segment_len must be >= 1")
+        self.betas = tuple(self.betas)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimisation step ``step`` (0-based): linear warm-up, cosine decay."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor | None) -> Tensor:
+    """Sum over tokens of weight x cross-entropy (labels -100 count 0). logits: [b, n, V]."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    w = (labels.flatten() != IGNORE_INDEX).float()
+    if weights is not None:
+        w = w * weights.flatten().float()
+    return (ce * w).sum()
+
+
+def _label_weight(labels: Tensor, weights: Tensor | None) -> Tensor:
+    w = (labels != IGNORE_INDEX).float()
+    return (w * weights.float()).sum() if weights is not None else w.sum()
+
+
+class Trainer:
+    """Trains a :class:`~memzoo.MemZooForCausalLM` on batches from ``batch_fn``.
+
+    Args:
+        model: the model (its parameters are updated in place).
+        config: :class:`TrainConfig`.
+        batch_fn: makes the global batch for a step (see :data:`BatchFn`).
+        out_dir: where checkpoints (``last/``) and the log (``log.jsonl``) go; None = no files.
+    """
+
+    def __init__(self, model: MemZooForCausalLM, config: TrainConfig, batch_fn: BatchFn, out_dir: str | Path | None = None):
+        self.model, self.config, self.batch_fn = model, config, batch_fn
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, config.lr, config.weight_decay), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        for group in self.optimizer.param_groups:
+            group.setdefault("lr_mult", 1.0)  # param_groups sets it; the schedule scales every group by it
+        self.step = 0
+        self.train_seconds = 0.0  # wall time of all steps so far, across resumes
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """One optimisation step; returns its metrics (loss is the global weighted mean)."""
+        cfg, model = self.config, self.model
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        batch = self.batch_fn(self.step, gen)
+        ids, labels, weights = batch["input_ids"], batch["labels"], batch.get("loss_weights")
+        total_weight = _label_weight(labels, weights)  # over the global batch: every rank sees it
+        if self.world > 1:
+            if ids.shape[0] % self.world:
+                raise ValueError(f"global batch {ids.shape[0]} does not split over {self.world} ranks")
+            rows = slice(self.rank, None, self.world)
+            ids, labels = ids[rows], labels[rows]
+            weights = weights[rows] if weights is not None else None
+        device = next(model.parameters()).device
+        ids, labels = ids.to(device), labels.to(device)
+        weights = weights.to(device) if weights is not None else None
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step) * group["lr_mult"]
+        self.optimizer.zero_grad(set_to_none=True)
+        state = model.init_state(ids.shape[0], device=device)
+        n = ids.shape[1]
+        prefix = min(cfg.no_grad_prefix, n - 1)
+        if prefix:
+            with torch.no_grad(), self._autocast():
+                state = model.stream(ids[:, :prefix], cfg.segment_len, state=state).state
+        pending, seg_count, loss_sum = 0.0, 0, 0.0
+        for start in range(prefix, n, cfg.segment_len):
+            end = min(n, start + cfg.segment_len)
+            with self._autocast():
+                out = model(ids[:, start:end], state=state)
+            part = weighted_loss(out.logits, labels[:, start:end], weights[:, start:end] if weights is not None else None)
+            pending = pending + part / total_weight.clamp_min(1e-9)
+            state, seg_count = out.state, seg_count + 1
+            last = end == n
+            if last or (cfg.bptt_segments and seg_count % cfg.bptt_segments == 0):
+                if isinstance(pending, Tensor) and pending.requires_grad:
+                    pending.backward()
+                loss_sum += float(pending.detach()) if isinstance(pending, Tensor) else pending
+                pending, state = 0.0, state.detach()
+        if self.world > 1:
+            self._allreduce_grads()
+            loss_t = torch.tensor([loss_sum])
+            dist.all_reduce(loss_t)
+            loss_sum = float(loss_t)
+        grad_norm = float("nan")
+        if cfg.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": loss_sum,
+            "lr": cfg.lr_at(self.step - 1),
+            "grad_norm": grad_norm,
+            "tokens": int(ids.numel()) * self.world,
+        }
+
+    def _autocast(self):
+        enabled = self.config.autocast == "bf16"
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _allreduce_grads(self) -> None:
+        # Sum, not mean: each rank's loss is already normalised by the global label weight.
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, *, resume: bool = True, progress: bool = True, on_save: Callable[[Trainer], None] | None = None) -> list[dict]:
+        """Train until ``config.steps`` (or ``max_minutes``), saving every ``save_every`` steps.
+
+        Args:
+            resume: continue from ``out_dir/last`` if it exists (exactly: same data, same moments).
+            progress: tqdm bar (rank 0 only).
+            on_save: called after each checkpoint (e.g. to evaluate).
+
+        Returns:
+            the metrics of every step run in this call.
+        """
+        cfg = self.config
+        if resume and self.out_dir is not None and (self.out_dir / "last").is_dir():
+            self.load_checkpoint(self.out_dir / "last")
+        history, start_time, tokens, seconds_before = [], time.perf_counter(), 0, self.train_seconds
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - start_time
+            self.train_seconds = seconds_before + elapsed
+            tokens += metrics["tokens"]
+            metrics.update(train_s=round(self.train_seconds, 2), tokens_per_s=round(tokens / max(elapsed, 1e-9)))
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=metrics["tokens_per_s"])
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(metrics)
+            out_of_time = cfg.max_minutes and elapsed > 60 * cfg.max_minutes
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps or out_of_time:
+                self.save_checkpoint()
+                if on_save is not None:
+                    on_save(self)
+            if out_of_time:
+                break
+        bar.close()
+        return history
+
+    def _log(self, metrics: dict) -> None:
+        if self.out_dir is None or self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        """Model + optimizer + step, atomically, to ``path`` (default ``out_dir/last``)."""
+        if self.rank != 0 or (path is None and self.out_dir is None):
+            return None
+        path = Path(path) if path is not None else self.out_dir / "last"
+        with atomic_directory(path) as tmp:
+            self.model.save_pretrained(tmp / "model")
+            tensors, meta = _flatten_optimizer(self.optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "trainer_state.json").write_text(
+                json.dumps(
+                    {"step": self.step, "train_seconds": self.train_seconds, "optimizer": meta, "config": asdict(self.config)},
+                    indent=1,
+                )
+            )
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model weights, optimizer moments and step from a :meth:`save_checkpoint` folder."""
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        weights = load_file(str(path / "model" / "model.safetensors"))
+        own = self.model.state_dict()
+        missing = set(own) - set(weights)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {sorted(missing)[:5]}...: was it made for another design/config?")
+        self.model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items() if k in own})
+        _load_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
+            # keep the log consistent with the restored step (a crash may have logged beyond it)
+            lines = (self.out_dir / "log.jsonl").read_text().splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
+            (self.out_dir / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """AdamW state as flat tensors (safetensors, no pickle) + JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"{idx}.{key}"] = value.detach().clone().contiguous() if isinstance(value, Tensor) else torch.tensor(value)
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -16,11 +16,15 @@ when the stream position reaches a multiple of ``evict_every``, never at call bo
 that crosses such a boundary is processed in pieces cut there. Between evictions the cache grows
 by up to ``evict_every`` tokens, so its buffers are allocated once at ``budget + evict_every``
 slots: ``state.nbytes()`` is constant for the whole stream.
+
+The slot maths (:func:`append`, :func:`evict`, :func:`select_slots`) are plain functions of a
+:class:`KVCacheState`, so that ``memzoo.hf.EvictingCache`` runs the very same policies on the cache of
+any transformers model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from einops import rearrange
@@ -42,6 +46,10 @@ __all__ = [
     "FullConfig",
     "WindowConfig",
     "SinksConfig",
+    "RecentWindowConfig",
+    "append",
+    "evict",
+    "protect_recent",
     "select_slots",
     "gather_slots",
 ]
@@ -84,8 +92,10 @@ class EvictionPolicy(nn.Module):
     A policy is an ``nn.Module`` so that learned policies (NAMM) save their parameters with the
     model. Checklist for a new policy: subclass, implement ``score``; if it needs the attention
     each token receives, set ``needs_attention = True`` and implement ``init_state`` / ``observe``
-    (per-slot tensors shaped [b, h, C, ...] are compacted for you); add a ``KVConfig`` subclass
-    whose ``make_policy`` returns it, and ``@register`` a builder. The conformance suite then checks it.
+    (per-slot tensors shaped [b, h, C, ...] are compacted for you; other tensors must not have
+    that shape); if its state needs work once per eviction (NAMM's STFT step), implement
+    ``before_eviction``; add a ``KVConfig`` subclass whose ``make_policy`` returns it, and
+    ``@register`` a builder. The conformance suite then checks it.
     """
 
     #: ask CachedAttention for attention probabilities and call :meth:`observe` with them
@@ -103,6 +113,20 @@ class EvictionPolicy(nn.Module):
             the newest token.
         """
         raise NotImplementedError
+
+    def before_eviction(self, cache: KVCacheState) -> MemoryState | None:
+        """Update the policy state right before :meth:`score`, at an eviction boundary.
+
+        Work that should happen once per eviction period rather than once per attention call goes
+        here (NAMM turns the attention columns recorded by :meth:`observe` into features).
+
+        Args:
+            cache: the cache right before eviction (``cache.position`` is the boundary).
+
+        Returns:
+            the new policy state (default: unchanged).
+        """
+        return cache.policy
 
     def init_state(self, batch_size: int, n_heads: int, capacity: int, device) -> MemoryState | None:
         """The policy's state for a new stream (None if it needs none)."""
@@ -146,6 +170,21 @@ class SinksAndRecent(EvictionPolicy):
     def score(self, cache: KVCacheState) -> Tensor:
         pos = cache.token_pos[..., : cache.length].float()
         return pos.masked_fill(pos < self.n_sinks, float("inf"))
+
+
+def protect_recent(scores: Tensor, cache: KVCacheState, n_recent: int) -> Tensor:
+    """Give the ``n_recent`` most recent stream tokens the score ``+inf`` (they always stay).
+
+    Args:
+        scores: [b, h, cache.length].
+        cache: the cache being scored.
+        n_recent: size of the protected window, in stream tokens.
+
+    Returns:
+        [b, h, cache.length].
+    """
+    recent = cache.token_pos[..., : cache.length] >= cache.position - n_recent
+    return scores.masked_fill(recent, float("inf"))
 
 
 # ---------------------------------------------------------------------------------- slot maths
@@ -242,6 +281,27 @@ class SinksConfig(KVConfig):
         return SinksAndRecent(self.n_sinks)
 
 
+@dataclass
+class RecentWindowConfig(KVConfig):
+    """A policy that protects a recent window and scores the rest (``h2o``, ``l2``).
+
+    Attributes:
+        n_recent: tokens of the protected recent window; None = the subclass's default share of
+            the budget (:meth:`recent`).
+    """
+
+    n_recent: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_recent is not None and (not isinstance(self.n_recent, int) or not 0 <= self.n_recent <= self.budget):
+            raise ValueError(f"n_recent must be an int in [0, budget={self.budget}], got {self.n_recent!r}")
+
+    def recent(self, default: int) -> int:
+        """``n_recent``, or ``default`` when it is None."""
+        return default if self.n_recent is None else self.n_recent
+
+
 @register("full")
 def full() -> FullConfig:
     return FullConfig()
@@ -313,21 +373,9 @@ class CachedAttention(MemoryModule):
 
     def _attend_piece(self, q: Tensor, k: Tensor, v: Tensor, state: KVCacheState) -> tuple[Tensor, KVCacheState]:
         """Write the piece into the cache, then its queries attend over slots [0, length + m)."""
-        m, L = q.shape[2], state.length
-        if not self.bounded and L + m > state.capacity:
-            state = _grow(state, max(L + m, 2 * state.capacity))
-        T = L + m
-        new_pos = torch.arange(state.position, state.position + m, device=q.device).expand(*q.shape[:2], m)
-        # out-of-place writes: the caller's state stays valid (and autograd sees no in-place op)
-        state = KVCacheState(
-            keys=state.keys.slice_scatter(k.to(state.keys.dtype), dim=2, start=L, end=T),
-            values=state.values.slice_scatter(v.to(state.values.dtype), dim=2, start=L, end=T),
-            valid=state.valid.slice_scatter(torch.ones_like(new_pos, dtype=torch.bool), dim=2, start=L, end=T),
-            token_pos=state.token_pos.slice_scatter(new_pos, dim=2, start=L, end=T),
-            length=T,
-            position=state.position + m,
-            policy=state.policy,
-        )
+        L = state.length
+        state = append(state, k, v)
+        T = state.length
         slots = torch.arange(T, device=q.device)
         qr = apply_rope(q, slots[L:], self.rope_theta)  # [b, h, m, k]
         kr = apply_rope(state.keys[:, :, :T].to(q.dtype), slots, self.rope_theta)  # [b, h, T, k]
@@ -336,55 +384,102 @@ class CachedAttention(MemoryModule):
         vals = state.values[:, :, :T].to(q.dtype)
         if self.policy.needs_attention:
             out, probs = attend(qr, kr, vals, mask=holes, return_probs=True)
-            state.policy = self.policy.observe(state, probs, m)
+            state.policy = self.policy.observe(state, probs, q.shape[2])
         else:
             out = attend(qr, kr, vals, mask=holes)
         return out, state
 
     def _evict(self, state: KVCacheState) -> KVCacheState:
-        """Keep the policy's best ``budget`` tokens, compacted to the front of the cache."""
-        L = state.length
-        scores = self.policy.score(state).float().masked_fill(~state.valid[:, :, :L], float("-inf"))
-        scores[..., L - 1] = float("inf")  # the newest token always stays
-        if L <= self.budget and bool((scores > float("-inf")).all()):
-            return state  # nothing to evict: avoid copying the cache
-        idx, keep = select_slots(scores, state.token_pos[:, :, :L], self.budget)
-        C = state.capacity
-        policy = state.policy
-        if policy is not None:
-            policy = type(policy)(
-                **{
-                    f.name: _compact_if_per_slot(getattr(policy, f.name), idx, state)
-                    for f in fields(policy)
-                }
-            )
-        valid = gather_slots(state.valid, idx, C)
-        valid[:, :, : idx.shape[2]] &= keep
-        token_pos = gather_slots(state.token_pos, idx, C).masked_fill(~valid, -1)
-        return KVCacheState(
-            keys=gather_slots(state.keys, idx, C),
-            values=gather_slots(state.values, idx, C),
-            valid=valid,
-            token_pos=token_pos,
-            length=int(keep.sum(-1).max()),
-            position=state.position,
-            policy=policy,
-        )
+        return evict(self.policy, state, self.budget)
+
+
+# ---------------------------------------------------------------------------------- cache maths
+def append(state: KVCacheState, k: Tensor, v: Tensor) -> KVCacheState:
+    """The cache with ``m`` new tokens written at slots ``[length, length + m)``.
+
+    Out of place: the caller's state stays valid (state in, state out) and autograd sees no in-place
+    op. A cache too small for the new tokens grows (``full``, and the hf cache whose calls have any
+    size); a bounded memzoo cache never needs to.
+
+    Args:
+        state: the cache.
+        k: [b, h, m, k] keys of the new tokens (stream positions ``[position, position + m)``).
+        v: [b, h, m, v] their values.
+
+    Returns:
+        the cache holding them, with ``length`` and ``position`` advanced by m.
+    """
+    m, L = k.shape[2], state.length
+    if L + m > state.capacity:
+        state = _grow(state, max(L + m, 2 * state.capacity))
+    T = L + m
+    new_pos = torch.arange(state.position, state.position + m, device=k.device).expand(*k.shape[:2], m)
+    return KVCacheState(
+        keys=state.keys.slice_scatter(k.to(state.keys.dtype), dim=2, start=L, end=T),
+        values=state.values.slice_scatter(v.to(state.values.dtype), dim=2, start=L, end=T),
+        valid=state.valid.slice_scatter(torch.ones_like(new_pos, dtype=torch.bool), dim=2, start=L, end=T),
+        token_pos=state.token_pos.slice_scatter(new_pos, dim=2, start=L, end=T),
+        length=T,
+        position=state.position + m,
+        policy=state.policy,
+    )
+
+
+def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheState:
+    """Keep the policy's best ``budget`` tokens, compacted to the front of the cache (in stream order).
+
+    Args:
+        policy: scores the cached tokens (after its :meth:`~EvictionPolicy.before_eviction`).
+        state: the cache at an eviction boundary.
+        budget: tokens kept at most, per head.
+
+    Returns:
+        the compacted cache; per-slot policy tensors are compacted with it.
+    """
+    state = replace(state, policy=policy.before_eviction(state))
+    L = state.length
+    scores = policy.score(state).float().masked_fill(~state.valid[:, :, :L], float("-inf"))
+    scores[..., L - 1] = float("inf")  # the newest token always stays
+    if L <= budget and bool((scores > float("-inf")).all()):
+        return state  # nothing to evict: avoid copying the cache
+    idx, keep = select_slots(scores, state.token_pos[:, :, :L], budget)
+    C = state.capacity
+    policy_state = state.policy
+    if policy_state is not None:
+        compacted = {f.name: _compact_if_per_slot(getattr(policy_state, f.name), idx, state) for f in fields(policy_state)}
+        policy_state = replace(policy_state, **compacted)
+    valid = gather_slots(state.valid, idx, C)
+    valid[:, :, : idx.shape[2]] &= keep
+    token_pos = gather_slots(state.token_pos, idx, C).masked_fill(~valid, -1)
+    return KVCacheState(
+        keys=gather_slots(state.keys, idx, C),
+        values=gather_slots(state.values, idx, C),
+        valid=valid,
+        token_pos=token_pos,
+        length=int(keep.sum(-1).max()),
+        position=state.position,
+        policy=policy_state,
+    )
+
+
+def _is_per_slot(value, state: KVCacheState) -> bool:
+    return isinstance(value, Tensor) and value.dim() >= 3 and value.shape[:3] == state.valid.shape
 
 
 def _compact_if_per_slot(value, idx: Tensor, state: KVCacheState):
-    if isinstance(value, Tensor) and value.dim() >= 3 and value.shape[:3] == state.valid.shape:
-        return gather_slots(value, idx, state.capacity)
-    return value
+    return gather_slots(value, idx, state.capacity) if _is_per_slot(value, state) else value
 
 
 def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
-    """A larger copy of an unbounded cache (doubling keeps appends amortised O(1))."""
+    """A larger copy of the cache (doubling keeps appends amortised O(1)); per-slot policy tensors grow too."""
 
     def pad(t: Tensor, fill) -> Tensor:
         extra = t.new_full((*t.shape[:2], capacity - t.shape[2], *t.shape[3:]), fill)
         return torch.cat([t, extra], dim=2)
 
+    policy = state.policy
+    if policy is not None:
+        policy = replace(policy, **{f.name: pad(v, 0) for f in fields(policy) if _is_per_slot(v := getattr(policy, f.name), state)})
     return KVCacheState(
         keys=pad(state.keys, 0),
         values=pad(state.values, 0),
@@ -392,5 +487,5 @@ def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
         token_pos=pad(state.token_pos, -1),
         length=state.length,
         position=state.position,
-        policy=state.policy,
+        policy=policy,
     )

@@ -1,0 +1,100 @@
+"""Scored eviction policies (h2o, l2) against a naive token-by-token reference, and bounded caches.
+
+The reference states each policy directly, per batch row and head, with Python lists: the cache is
+the list of stream positions kept so far; token p joins it and attends over it at slot positions
+0, 1, ... (stream order); every ``evict_every`` tokens, if more than ``budget`` are cached, the
+``n_recent`` most recent and the newest stay and the best-scored fill the rest (ties to the most recent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+
+import memzoo
+from memzoo.memories.h2o import H2OConfig
+from memzoo.memories.kv import CachedAttention
+from memzoo.memories.l2 import L2Config
+from memzoo.ops.rope import apply_rope
+
+
+def naive(module: CachedAttention, x: torch.Tensor) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """x: [b, n, d] -> y: [b, n, d], and the stream positions kept at the end, per row and head."""
+    cfg, h = module.config, module.n_heads
+    B, P, R = cfg.budget, cfg.evict_every, module.policy.n_recent
+    q, k, v = rearrange(module.qkv(x), "b n (three h k) -> three b h n k", three=3, h=h)
+    out = torch.zeros_like(q)
+    kept_all = []
+    for bi in range(x.shape[0]):
+        kept_all.append([])
+        for hi in range(h):
+            kept, acc = [], {}
+            for p in range(x.shape[1]):
+                kept.append(p)
+                slots = torch.arange(len(kept))
+                kp = apply_rope(k[bi : bi + 1, hi : hi + 1, kept], slots, module.rope_theta)[0, 0]  # [t, k]
+                qp = apply_rope(q[bi : bi + 1, hi : hi + 1, p : p + 1], slots[-1:], module.rope_theta)[0, 0, 0]  # [k]
+                att = (kp @ qp / math.sqrt(qp.shape[-1])).softmax(-1)
+                out[bi, hi, p] = att @ v[bi, hi, kept]
+                for j, a in zip(kept, att.tolist()):
+                    acc[j] = acc.get(j, 0.0) + a
+                if (p + 1) % P == 0 and len(kept) > B:
+                    score = {j: acc[j] if isinstance(cfg, H2OConfig) else -k[bi, hi, j].norm().item() for j in kept}
+                    score.update({j: math.inf for j in kept if j == p or j >= p + 1 - R})
+                    kept = sorted(sorted(kept, key=lambda j: (score[j], j), reverse=True)[:B])
+            kept_all[-1].append(kept)
+    return module.out(rearrange(out, "b h n k -> b n (h k)")), kept_all
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        H2OConfig(budget=12, evict_every=5),
+        H2OConfig(budget=10, evict_every=7, n_recent=3),
+        L2Config(budget=12, evict_every=5),
+        L2Config(budget=9, evict_every=4, n_recent=0),
+    ],
+    ids=["h2o", "h2o-recent3", "l2", "l2-norecent"],
+)
+def test_selection_matches_naive(config):
+    torch.manual_seed(0)
+    module = CachedAttention(d_model=16, n_heads=2, config=config)
+    x = torch.randn(2, 43, 16)
+    with torch.no_grad():
+        fast, state = module(x, module.init_state(2))
+        ref, kept = naive(module, x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for bi in range(2):
+        for hi in range(2):
+            got = state.token_pos[bi, hi, : state.length][state.valid[bi, hi, : state.length]].tolist()
+            assert got == kept[bi][hi]
+
+
+def test_h2o_keeps_heavy_hitters_not_just_recent():
+    """The selection differs from a window: some kept tokens are older than the recent window."""
+    torch.manual_seed(0)
+    module = CachedAttention(d_model=16, n_heads=2, config=H2OConfig(budget=12, evict_every=5))
+    with torch.no_grad():
+        _, state = module(torch.randn(1, 60, 16), module.init_state(1))
+    assert (state.token_pos[..., : state.length] < 60 - 12).any()
+
+
+@pytest.mark.parametrize("name", ["h2o", "l2"])
+def test_cache_stays_within_budget(name):
+    """200 segments of random sizes: at most budget + evict_every slots, at most budget kept after each eviction."""
+    budget, every = 16, 8
+    torch.manual_seed(0)
+    model = memzoo.build(name, d_model=32, n_layers=1, n_heads=2, budget=budget, evict_every=every).eval()
+    state = model.init_state(1)
+    sizes = torch.randint(1, 12, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        for i, n in enumerate(sizes):
+            state = model(torch.randint(3, 259, (1, n), generator=torch.Generator().manual_seed(i)), state=state).state
+            cache = state.layers[0]
+            assert cache.length <= budget + every
+            kept = cache.valid.sum(-1)  # [b, h]
+            assert int(kept.max()) <= budget + (cache.position % every)
+    assert state.position == sum(sizes)

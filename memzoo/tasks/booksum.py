@@ -12,7 +12,7 @@ A summary cell may be a string or, as in the ``ubaada`` schema, a list of summar
 several sources (strings or ``{"source", "text", ...}`` dicts): the first one is the reference.
 
 The synthetic task (:func:`make_synthetic_book`) runs offline: chapters of varied narrative
-filler with a few key events ("In chapter 3, Mara found the silver key in the lighthouse.")
+filler with a few key events ("In chapter 3, Mara found the silver key at the lighthouse.")
 spread through the book; the reference summary lists those events in order.
 """
 
@@ -32,8 +32,11 @@ from .passkey import _byte_offset, _encode, _fit_length
 __all__ = ["BookExample", "BooksumUnavailableError", "load_booksum", "make_synthetic_book"]
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUTHY = ("1", "ON", "YES", "TRUE")  # what huggingface_hub accepts as "set"
 # File suffix -> the `datasets` packaged builder that reads it.
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+}
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,13 @@ def load_booksum(
                 f"BookSum data from {source!r} (split {split!r}) has no column {column!r}; "
                 f"columns present: {dataset.column_names}. Set {option}= to the right one."
             )
-    texts = dataset[columns["text_column"]]
-    summaries = [_first_summary(s, columns["summary_column"]) for s in dataset[columns["summary_column"]]]
-    ids = (
-        [str(i) for i in dataset[id_column]]
-        if id_column is not None
-        else [f"{split}-{row}" for row in range(len(texts))]
-    )
+    texts = list(dataset[columns["text_column"]])
+    summary_column = columns["summary_column"]
+    summaries = [_first_summary(s, summary_column) for s in dataset[summary_column]]
+    if id_column is not None:
+        ids = [str(i) for i in dataset[id_column]]
+    else:
+        ids = [f"{split}-{row}" for row in range(len(texts))]
     return [BookExample(t, s, i) for t, s, i in zip(texts, summaries, ids)]
 
 
@@ -157,12 +160,17 @@ def _load_local(path: Path, split: str, cache_dir: str | None) -> datasets.Datas
     else:
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"cannot read {path}: expected one of {sorted(_BUILDERS)} or a directory")
+            raise ValueError(
+                f"cannot read {path}: expected a {'/'.join(sorted(_BUILDERS))} file or a directory"
+            )
         loaded = datasets.load_dataset(builder, data_files={split: str(path)}, cache_dir=cache_dir)
     if isinstance(loaded, datasets.Dataset):  # a single saved Dataset stands for the split
         return loaded
     if split not in loaded:
-        raise ValueError(f"{path} has no split {split!r}; splits present: {sorted(loaded)}")
+        raise ValueError(
+            f"{path} has no split {split!r}; splits present: {sorted(loaded)}. Name the files by "
+            f"split ({split}.jsonl, ...) or pass the file itself as path="
+        )
     return loaded[split]
 
 
@@ -173,10 +181,11 @@ def _load_hub(
     try:
         return datasets.load_dataset(hub_id, config, split=split, cache_dir=cache_dir)
     except (ConnectionError, OSError) as error:  # offline mode raises ConnectionError too
-        offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+        offline = [v for v in _OFFLINE_VARIABLES if os.environ.get(v, "").upper() in _TRUTHY]
         if offline or datasets.config.HF_HUB_OFFLINE:
-            cause = f"offline mode is on ({', '.join(offline) or 'HF_HUB_OFFLINE'}) and it is not cached"
-            undo = f"or unset {' and '.join(offline or ['HF_HUB_OFFLINE'])} on a machine with network"
+            names = offline or ["HF_HUB_OFFLINE"]  # set in-process through datasets.config
+            cause = f"offline mode is on ({', '.join(names)}) and the dataset is not cached"
+            undo = f"or unset {' and '.join(names)} on a machine with network"
         else:
             cause = f"the Hub could not be reached ({type(error).__name__}: {error})"
             undo = "or retry with network access"
@@ -205,7 +214,10 @@ def _first_summary(value: Any, column: str) -> str:
 
 # ----------------------------------------------------------------------------- synthetic books
 
-_NAMES = ["Mara", "Tobin", "Elsa", "Corin", "Nadia", "Ivo", "Lena", "Bram", "Sola", "Edric", "Wren", "Pell"]
+_NAMES = [
+    "Mara", "Tobin", "Elsa", "Corin", "Nadia", "Ivo", "Lena", "Bram", "Sola", "Edric", "Wren",
+    "Pell",
+]
 _PLACES = [
     "lighthouse", "harbor", "old mill", "orchard", "library", "market", "chapel", "bridge",
     "forest", "tavern", "tower", "garden",
@@ -230,6 +242,20 @@ _ADJECTIVES = ["silver", "golden", "cracked", "ancient", "crimson", "hollow", "i
 _OBJECTS = ["key", "map", "letter", "sword", "lantern", "compass", "ring", "crown"]
 
 
+def _longest(words: list[str]) -> str:
+    return max(words, key=len)
+
+
+# An upper bound on a filler sentence's length (same longest word for both names and places).
+_MAX_FILLER = max(
+    len(template.format(
+        a=_longest(_NAMES), b=_longest(_NAMES), p=_longest(_PLACES), q=_longest(_PLACES),
+        t=_longest(_TIMES), t_cap=_longest(_TIMES), w=_longest(_WEATHER),
+    ))
+    for template in _FILLER_TEMPLATES
+)
+
+
 def _filler_sentence(rng: random.Random) -> str:
     """One narrative filler sentence drawn from templates and word lists."""
     a, b = rng.sample(_NAMES, 2)
@@ -240,38 +266,49 @@ def _filler_sentence(rng: random.Random) -> str:
     )
 
 
-def _book_text(n_chars: int, events: list[tuple[int, str]], n_chapters: int, seed: int) -> str | None:
+def _book_text(
+    n_chars: int, events: list[tuple[int, str]], n_chapters: int, seed: int
+) -> str | None:
     """A book of at most ``n_chars`` characters with each ``(chapter, sentence)`` event inside.
 
-    Chapter c nominally covers characters [(c-1) n / C, c n / C); a chapter starts at the first
-    sentence boundary past its nominal start, so only the book's end loses (< 1 sentence).
-    Each event goes at a random point within the middle 80% of its chapter.
+    Chapter c nominally starts at character (c-1) s, with s = (n - reserve) / C; the last
+    chapter also gets the reserve. A chapter starts at the first sentence boundary past its
+    nominal start, so only the book's end loses characters (< 1 sentence). Each event goes at
+    the first sentence boundary past a random point within the middle 80% of its chapter.
 
     Returns:
         The text, or None when ``n_chars`` is too small to hold every event.
     """
     rng = random.Random(seed)
-    span = n_chars / n_chapters
+    # Chapters are laid out over all but this tail, so the last chapter's event, due at most
+    # one sentence before its position, still fits before the end of the book.
+    reserve = _MAX_FILLER + 1 + max(len(sentence) + 1 for _, sentence in events)
+    span = (n_chars - reserve) / n_chapters
+    if span <= 0:
+        return None
     # (character position, chapter, sentence), sorted; positions within a chapter's middle.
-    pending = sorted(
-        (math.floor((c - 1 + rng.uniform(0.1, 0.9)) * span), c, s) for c, s in events
-    )
+    pending = sorted((math.floor((c - 1 + rng.uniform(0.1, 0.9)) * span), c, s) for c, s in events)
     pieces: list[str] = []
     length, chapter = 0, 0
     while True:
-        if chapter < n_chapters and length >= chapter * span:
-            chapter += 1
-            piece = ("\n\n" if chapter > 1 else "") + f"Chapter {chapter}\n"
-        elif pending and pending[0][1] == chapter and length >= pending[0][0]:
-            piece = " " + pending.pop(0)[2]
+        chapter_over = chapter < n_chapters and length >= chapter * span
+        # An event's position lies inside its chapter, so it is due before the chapter ends.
+        if pending and pending[0][1] == chapter and length >= pending[0][0]:
+            kind, text = "event", pending[0][2]
+        elif chapter_over:
+            kind, text = "chapter", ("\n\n" if chapter else "") + f"Chapter {chapter + 1}\n"
         else:
-            piece = " " + _filler_sentence(rng)
-        if piece.startswith(" ") and pieces[-1].endswith("\n"):
-            piece = piece[1:]  # the first sentence of a chapter starts its line
-        if length + len(piece) > n_chars:
+            kind, text = "filler", _filler_sentence(rng)
+        if kind != "chapter" and not pieces[-1].endswith("\n"):
+            text = " " + text  # the first sentence of a chapter starts its line
+        if length + len(text) > n_chars:
             break
-        pieces.append(piece)
-        length += len(piece)
+        pieces.append(text)
+        length += len(text)
+        if kind == "event":
+            pending.pop(0)
+        elif kind == "chapter":
+            chapter += 1
     return None if pending or chapter < n_chapters else "".join(pieces)
 
 
@@ -285,7 +322,7 @@ def make_synthetic_book(
     """A synthetic book with known key events and a reference summary listing them.
 
     Narrative filler (10 templates over names, places, times and weather) fills the chapters;
-    ``n_events`` distinct events ("In chapter 3, Mara found the silver key in the
+    ``n_events`` distinct events ("In chapter 3, Mara found the silver key at the
     lighthouse.") sit in distinct random chapters, in chapter order. The summary is those event
     sentences joined by spaces, in the order they appear. Everything is deterministic from
     ``seed`` (Python's ``random.Random``).
@@ -311,20 +348,20 @@ def make_synthetic_book(
     """
     n_chapters = 2 * n_events if n_chapters is None else n_chapters
     if n_events < 1 or n_chapters < n_events:
-        raise ValueError(f"need 1 <= n_events <= n_chapters, got n_events={n_events}, n_chapters={n_chapters}")
+        raise ValueError(
+            f"need 1 <= n_events <= n_chapters, got n_events={n_events}, n_chapters={n_chapters}"
+        )
     rng = random.Random(seed)
     chapters = sorted(rng.sample(range(1, n_chapters + 1), n_events))
     combos: set[tuple[str, ...]] = set()
     while len(combos) < n_events:  # distinct (who, did what, to which thing, where)
-        combos.add(
-            (rng.choice(_NAMES), rng.choice(_VERBS), rng.choice(_ADJECTIVES), rng.choice(_OBJECTS),
-             rng.choice(_PLACES))
-        )
+        words = (_NAMES, _VERBS, _ADJECTIVES, _OBJECTS, _PLACES)
+        combos.add(tuple(rng.choice(w) for w in words))
     # Sorting the set would tie event content to chapter order; shuffle it instead.
     ordered = sorted(combos)
     rng.shuffle(ordered)
     events = [
-        (c, f"In chapter {c}, {who} {verb} the {adj} {obj} in the {place}.")
+        (c, f"In chapter {c}, {who} {verb} the {adj} {obj} at the {place}.")
         for c, (who, verb, adj, obj, place) in zip(chapters, ordered)
     ]
     text_seed = rng.getrandbits(64)

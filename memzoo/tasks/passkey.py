@@ -60,7 +60,7 @@ QUESTION = "What is the pass key? The pass key is"
 ANSWER_TEMPLATE = " {k}"  # what follows QUESTION: a space, then the key's digits
 
 # The needle split around its two copies of the key, so their character offsets are known.
-_NEEDLE_HEAD, _NEEDLE_MID, _NEEDLE_TAIL = NEEDLE_TEMPLATE.split("{k}")
+_NEEDLE_HEAD, _NEEDLE_MID, _ = NEEDLE_TEMPLATE.split("{k}")
 
 _FIRST_INTEGER = re.compile(r"[0-9]+")  # ASCII digits only: "\d" would also match e.g. "١٢"
 # Printable ASCII plus newline: every character a passkey prompt or a synthetic book uses.

@@ -125,6 +125,19 @@ class MemZooPreTrainedModel(PreTrainedModel):
     base_model_prefix = "memzoo"
     _no_split_modules = ["Block"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) if asked
+        # safetensors leaves parameters at 8-byte offsets of the file, and MKL rounds differently
+        # when a matrix operand is not 64-byte aligned (e.g. the weight of a one-token Linear), so
+        # a reloaded model was not bit-identical to the saved one: give them fresh memory.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.device.type == "cpu" and p.data_ptr() % 64:
+                    p.data = p.data.clone()
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # transformers calls this children-first, so a design's own reset runs after (and wins

@@ -82,7 +82,7 @@ def test_h2o_keeps_heavy_hitters_not_just_recent():
     assert (state.token_pos[..., : state.length] < 60 - 12).any()
 
 
-@pytest.mark.parametrize("name", ["h2o", "l2"])
+@pytest.mark.parametrize("name", ["h2o", "l2", "namm"])
 def test_cache_stays_within_budget(name):
     """200 segments of random sizes: at most budget + evict_every slots, at most budget kept after each eviction."""
     budget, every = 16, 8

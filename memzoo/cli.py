@@ -2,6 +2,9 @@
 
     memzoo list                       # registry names and their config defaults
     memzoo demo                       # stream 100K tokens through two designs: state bytes, tokens/s
+    memzoo passkey compare            # evaluate the shipped checkpoints side by side (the main job)
+    memzoo passkey train --config recipes/configs/passkey/infini.yaml --out runs/passkey-infini
+    memzoo passkey eval --checkpoint checkpoints/passkey-infini --max-length 1M
 
 Each sub-command is a small function below; long jobs live in ``recipes/`` and in the
 ``memzoo.tasks`` / ``memzoo.training`` packages, which the sub-commands call.
@@ -14,6 +17,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -52,6 +56,114 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_LENGTHS = ["1K", "4K", "16K", "64K", "256K", "1M"]
+DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _lengths(args: argparse.Namespace) -> list[int]:
+    from memzoo.tasks.passkey_eval import parse_length
+
+    lengths = [parse_length(x) for x in args.lengths]
+    if args.max_length:
+        lengths = [n for n in lengths if n <= parse_length(args.max_length)]
+    if not lengths:
+        raise SystemExit("no lengths left to evaluate: check --lengths / --max-length")
+    return lengths
+
+
+def _cmd_passkey_train(args: argparse.Namespace) -> int:
+    from memzoo.training.recipe import load_recipe, train_recipe
+
+    recipe = load_recipe(args.config)
+    overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
+    out = args.out or f"runs/{recipe['name']}"
+    summary = train_recipe(recipe, out, resume=not args.no_resume, **overrides)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    import memzoo
+    from memzoo.plots import passkey_heatmap
+    from memzoo.tasks.passkey_eval import evaluate_passkey, save_results
+
+    torch.manual_seed(0)
+    model = memzoo.load(path)
+    name = model.config.memory
+    out_json = Path(args.out) / f"{name}.json"
+
+    def save_partial(cell: dict) -> None:  # a long grid keeps what it has if interrupted
+        partial.setdefault("cells", []).append(cell)
+        save_results(partial | {"design": name, "checkpoint": str(path), "complete": False}, out_json)
+
+    partial: dict = {}
+    results = evaluate_passkey(
+        model,
+        lengths=_lengths(args),
+        depths=args.depths,
+        n_keys=args.n_keys,
+        seed=args.seed,
+        segment_len=args.segment_len,
+        progress=not args.quiet,
+        on_cell=save_partial,
+    )
+    results |= {"checkpoint": str(path), "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
+    save_results(results, out_json)
+    passkey_heatmap(results, out_json.with_suffix(".png"))
+    return results
+
+
+def _print_table(all_results: list[dict]) -> None:
+    from memzoo.plots import format_length
+
+    lengths = sorted({c["length"] for r in all_results for c in r["cells"]})
+    print(f"{'design':14s} " + " ".join(f"{format_length(n):>6s}" for n in lengths) + "   (accuracy, mean over depths)")
+    for r in sorted(all_results, key=lambda r: r["design"]):
+        row = []
+        for n in lengths:
+            accs = [c["accuracy"] for c in r["cells"] if c["length"] == n]
+            row.append(f"{sum(accs) / len(accs):6.2f}" if accs else f"{'-':>6s}")
+        print(f"{r['design']:14s} " + " ".join(row))
+
+
+def _cmd_passkey_eval(args: argparse.Namespace) -> int:
+    results = _evaluate_checkpoint(args.checkpoint, args)
+    _print_table([results])
+    print(f"wrote {Path(args.out) / (results['design'] + '.json')} and .png")
+    return 0
+
+
+def _cmd_passkey_compare(args: argparse.Namespace) -> int:
+    from memzoo.plots import passkey_comparison
+
+    paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("passkey-*") if (p / "config.json").is_file())
+    if not paths:
+        raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
+    if args.full_grid:
+        args.lengths, args.depths, args.n_keys = DEFAULT_LENGTHS, DEFAULT_DEPTHS, max(args.n_keys, 5)
+    all_results = []
+    for path in paths:
+        print(f"== {path}", flush=True)
+        all_results.append(_evaluate_checkpoint(path, args))
+    figure = passkey_comparison(all_results, Path(args.out) / "comparison.png")
+    _print_table(all_results)
+    print(f"wrote {len(all_results)} results JSON, heatmaps and {figure} under {args.out}")
+    return 0
+
+
+def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: list[float], n_keys: int, out: str) -> None:
+    p.add_argument("--lengths", nargs="+", default=lengths, help=f"prompt lengths, e.g. 4096 16K 1M (default {' '.join(lengths)})")
+    p.add_argument("--max-length", default=None, help="drop lengths above this (e.g. 1M)")
+    p.add_argument("--depths", nargs="+", type=float, default=depths, help="needle depths in [0, 1]")
+    p.add_argument("--n-keys", type=int, default=n_keys, help="keys per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--out", default=out, help="folder for results JSON and figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    passkey = sub.add_parser("passkey", help="passkey retrieval: train, evaluate, compare").add_subparsers(dest="action", required=True)
+    p = passkey.add_parser("train", help="train a model from a recipe config (resumes from OUT/last)")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/configs/passkey/infini.yaml")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
+    p.set_defaults(func=_cmd_passkey_train)
+
+    p = passkey.add_parser("eval", help="accuracy grid of one checkpoint (JSON + heatmap)")
+    p.add_argument("--checkpoint", required=True)
+    _add_eval_options(p, DEFAULT_LENGTHS, DEFAULT_DEPTHS, 5, "docs/results/passkey")
+    p.set_defaults(func=_cmd_passkey_eval)
+
+    p = passkey.add_parser("compare", help="evaluate several checkpoints side by side (default: checkpoints/passkey-*)")
+    p.add_argument("--checkpoints", nargs="+", default=None)
+    p.add_argument("--full-grid", action="store_true", help="lengths 1K..1M x 5 depths x 5 keys (hours on a CPU)")
+    _add_eval_options(p, ["1K", "4K"], [0.0, 0.5, 1.0], 2, "runs/passkey-compare")
+    p.set_defaults(func=_cmd_passkey_compare)
     return parser
 
 

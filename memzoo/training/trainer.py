@@ -58,7 +58,9 @@ class TrainConfig:
         bptt_segments: back-propagate and detach the state every this many segments (0 = once per
             sequence: full BPTT through memory).
         no_grad_prefix: tokens at the start of every sequence streamed without gradients.
-        autocast: "bf16" (CPU/GPU autocast; memory maths stays fp32 inside the designs) or "none".
+        autocast: "none" or "bf16" (autocast; memory maths stays fp32 inside the designs). Default
+            "none": on CPUs without avx512_bf16/AMX (like this project's CI machine) bf16 matmuls
+            run 10-30x slower than fp32 (measured: see docs/performance.md).
         log_every / save_every: in steps (save_every 0 = only at the end).
         max_minutes: stop (and save) after this wall time, even before ``steps`` (0 = no limit).
         seed: seeds the model init and the data.
@@ -74,7 +76,7 @@ class TrainConfig:
     segment_len: int = 256
     bptt_segments: int = 0
     no_grad_prefix: int = 0
-    autocast: str = "bf16"
+    autocast: str = "none"
     log_every: int = 10
     save_every: int = 100
     max_minutes: float = 0.0

@@ -13,7 +13,7 @@ from .config import MemZooConfig
 from .interface import MemoryConfig, MemoryModule, MemoryState
 from .io import load
 from .model import MemZooForCausalLM, MemZooState
-from .registry import available, build, memory_config, register
+from .registry import available, build, memory_config, register, swap_memory
 from .tokenizer import tokenizer
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "load",
     "register",
     "memory_config",
+    "swap_memory",
     "tokenizer",
     "MemoryConfig",
     "MemoryModule",

@@ -128,6 +128,19 @@ def _print_table(all_results: list[dict]) -> None:
         print(f"{r['design']:14s} " + " ".join(row))
 
 
+def _cmd_passkey_derive(args: argparse.Namespace) -> int:
+    import memzoo
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    model = memzoo.swap_memory(memzoo.load(args.source), args.memory, **overrides)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: {args.memory} {overrides} on the weights of {args.source}")
+    return 0
+
+
 def _cmd_passkey_eval(args: argparse.Namespace) -> int:
     results = _evaluate_checkpoint(args.checkpoint, args)
     _print_table([results])
@@ -189,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
     p.set_defaults(func=_cmd_passkey_train)
+
+    p = passkey.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
+    p.add_argument("--from", dest="source", required=True, help="checkpoint folder")
+    p.add_argument("--memory", required=True, help="registry name of the new design")
+    p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_passkey_derive)
 
     p = passkey.add_parser("eval", help="accuracy grid of one checkpoint (JSON + heatmap)")
     p.add_argument("--checkpoint", required=True)

@@ -21,7 +21,7 @@ from typing import Any
 from .config import BACKBONE_FIELDS, MemZooConfig
 from .interface import MemoryConfig
 
-__all__ = ["register", "available", "memory_config", "build"]
+__all__ = ["register", "available", "memory_config", "build", "swap_memory"]
 
 _BUILDERS: dict[str, Callable[[], MemoryConfig]] = {}
 
@@ -93,3 +93,33 @@ def build(name: str, **overrides: Any):
         raise TypeError(f"build({name!r}) got unknown option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
     config = memory_config(name, **design)
     return MemZooForCausalLM(MemZooConfig(memory=name, memory_config=dataclasses.asdict(config), **backbone))
+
+
+def swap_memory(model, name: str, **overrides: Any):
+    """The same backbone and weights with another memory design (e.g. a full-attention model with H2O).
+
+    Every weight of ``model`` must exist in the new model with the same shape (true between KV
+    designs, which share the attention projections); weights only the new design has (e.g. NAMM's
+    scorer) keep their initial values.
+
+    Args:
+        model: a :class:`~memzoo.MemZooForCausalLM`.
+        name: the new design's registry name.
+        **overrides: fields of the new design's config (backbone fields cannot change).
+
+    Raises:
+        ValueError: the two designs' weights do not match (e.g. ``full`` -> ``infini``).
+    """
+    backbone = {k: getattr(model.config, k) for k in BACKBONE_FIELDS}
+    bad = set(overrides) & set(BACKBONE_FIELDS)
+    if bad:
+        raise TypeError(f"swap_memory keeps the backbone; cannot override {sorted(bad)}")
+    new = build(name, **backbone, **overrides)
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    unexpected = [k for k in old_sd if k not in new_sd or new_sd[k].shape != old_sd[k].shape]
+    if unexpected:
+        raise ValueError(
+            f"{model.config.memory!r} weights do not fit {name!r} (e.g. {unexpected[:3]}); swap between designs that share weights"
+        )
+    new.load_state_dict(old_sd, strict=False)
+    return new.to(next(model.parameters()).device)

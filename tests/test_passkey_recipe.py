@@ -93,3 +93,14 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     assert (tmp_path / "res" / "sinks.png").stat().st_size > 0
 
 
+
+
+def test_swap_memory_keeps_the_weights():
+    torch.manual_seed(0)
+    full = memzoo.build("full", d_model=32, n_layers=1, n_heads=2).eval()
+    window = memzoo.swap_memory(full, "window", budget=1000, evict_every=500).eval()
+    x = torch.randint(3, 259, (1, 40))
+    with torch.no_grad():  # a budget larger than the stream: the same computation as full
+        torch.testing.assert_close(window(x).logits, full(x).logits, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="keeps the backbone"):
+        memzoo.swap_memory(full, "window", d_model=64)

@@ -135,9 +135,57 @@ def _cmd_passkey_derive(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
-    model = memzoo.swap_memory(memzoo.load(args.source), args.memory, **overrides)
-    model.save_pretrained(args.out)
+    source = memzoo.load(args.source)
+    model = memzoo.swap_memory(source, args.memory, **overrides)
+    stored = _stored_dtype(args.bf16)
+    model.save_pretrained(args.out, dtype=stored)
+    info = {"derived_from": str(args.source), "command": _command_line(), "stored_dtype": "bfloat16" if stored else "float32"}
+    _write_training(args.out, info)
     print(f"wrote {args.out}: {args.memory} {overrides} on the weights of {args.source}")
+    return 0
+
+
+def _command_line() -> str:
+    return "memzoo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "memzoo" else " ".join(["python", *sys.argv])
+
+
+def _stored_dtype(bf16: bool):
+    import torch
+
+    return torch.bfloat16 if bf16 else None
+
+
+def _write_training(checkpoint: str | Path, info: dict) -> None:
+    (Path(checkpoint) / "training.json").write_text(json.dumps(info, indent=1))
+
+
+def _cmd_passkey_ship(args: argparse.Namespace) -> int:
+    """Copy a finished run's model into a shipped checkpoint folder with its training record."""
+    import memzoo
+    from memzoo.training.recipe import load_recipe
+
+    run = Path(args.run)
+    summary = json.loads((run / "run.json").read_text())
+    recipe = load_recipe(args.config)
+    model = memzoo.load(run / "model")
+    stored = _stored_dtype(args.bf16)
+    model.save_pretrained(args.out, dtype=stored)
+    info = summary | {
+        "recipe_file": args.config,
+        "command": f"memzoo passkey train --config {args.config} --out {args.run}",
+        "curriculum": recipe["task"].get("curriculum", []),
+        "stored_dtype": "bfloat16" if stored else "float32",
+        "notes": recipe.get("notes", ""),
+    }
+    _write_training(args.out, info)
+    print(f"wrote {args.out} from {run}")
+    return 0
+
+
+def _cmd_passkey_card(args: argparse.Namespace) -> int:
+    from memzoo.cards import write_card
+
+    print(f"wrote {write_card(args.checkpoint, args.results)}")
     return 0
 
 
@@ -208,7 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", required=True, help="registry name of the new design")
     p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
     p.add_argument("--out", required=True)
+    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
     p.set_defaults(func=_cmd_passkey_derive)
+
+    p = passkey.add_parser("ship", help="copy a finished training run into a checkpoint folder with its training record")
+    p.add_argument("--run", required=True, help="run folder of `memzoo passkey train`")
+    p.add_argument("--config", required=True, help="the recipe YAML it was trained with")
+    p.add_argument("--out", required=True, help="e.g. checkpoints/passkey-infini")
+    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
+    p.set_defaults(func=_cmd_passkey_ship)
+
+    p = passkey.add_parser("card", help="(re)write a checkpoint's model card from its training.json and results JSON")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--results", default=None, help="passkey results JSON of this checkpoint")
+    p.set_defaults(func=_cmd_passkey_card)
 
     p = passkey.add_parser("eval", help="accuracy grid of one checkpoint (JSON + heatmap)")
     p.add_argument("--checkpoint", required=True)

@@ -104,3 +104,27 @@ def test_swap_memory_keeps_the_weights():
         torch.testing.assert_close(window(x).logits, full(x).logits, atol=1e-6, rtol=0)
     with pytest.raises(TypeError, match="keeps the backbone"):
         memzoo.swap_memory(full, "window", d_model=64)
+
+
+def test_ship_derive_and_card(tmp_path):
+    """A run becomes a shipped checkpoint with a card whose numbers come from the files."""
+    from memzoo.cards import write_card
+
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(
+        "name: tiny\nmodel: {memory: full, d_model: 32, n_layers: 1, n_heads: 2}\n"
+        "task: {name: passkey, curriculum: [{until: 1.0, n_tokens: 300, batch_size: 2}]}\n"
+        "train: {steps: 2, segment_len: 300, save_every: 0}\n"
+    )
+    assert main(["passkey", "train", "--config", str(recipe_file), "--out", str(tmp_path / "run")]) == 0
+    assert main(["passkey", "ship", "--run", str(tmp_path / "run"), "--config", str(recipe_file), "--out", str(tmp_path / "ck-full")]) == 0
+    assert main(["passkey", "derive", "--from", str(tmp_path / "ck-full"), "--memory", "h2o" if "h2o" in memzoo.available() else "window",
+                 "--set", "budget=64", "evict_every=32", "--bf16", "--out", str(tmp_path / "ck-evict")]) == 0  # fmt: skip
+    assert main(["passkey", "eval", "--checkpoint", str(tmp_path / "ck-full"), "--lengths", "300", "--depths", "0.5",
+                 "--n-keys", "2", "--out", str(tmp_path / "res"), "--quiet"]) == 0  # fmt: skip
+    card = write_card(tmp_path / "ck-full", tmp_path / "res" / "full.json").read_text()
+    training = json.loads((tmp_path / "ck-full" / "training.json").read_text())
+    assert "2 steps" in card and f"{training['final_loss']:.4f}" in card and "/2 |" in card
+    derived = write_card(tmp_path / "ck-evict").read_text()
+    assert "No training of its own" in derived and "bfloat16" in derived and "Not measured yet" in derived
+    assert memzoo.load(tmp_path / "ck-evict").embed.weight.dtype == torch.float32  # loads back to fp32

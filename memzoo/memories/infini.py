@@ -50,8 +50,9 @@ class InfiniConfig(MemoryConfig):
             cheap on a CPU and is what the prototype of FINDINGS learned passkey with.
         update_rule: ``"delta"`` (paper's Linear + Delta: write only what the memory does not
             already return for a key) or ``"linear"`` (M += s(K)^T V).
-        gate_init: initial beta of every head. 0 gives sigmoid(0) = 0.5, an even mix, as in the
-            paper's released gate plots; the gradient reaching beta is then largest.
+        gate_init: initial beta of every head. 0 gives sigmoid(0) = 0.5, an even mix of memory
+            and local attention, where sigmoid's slope (so the gradient reaching beta) is
+            largest; FINDINGS' prototype learned with it. A negative value starts local-first.
         gate_lr_mult: learning-rate multiplier of beta (via ``optim_overrides``). 10 because one
             scalar per head gets a small gradient at the base rate and stays near 0.5 (the
             failure of reproductions); 10x let the gates move in FINDINGS' prototype.

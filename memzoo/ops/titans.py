@@ -1,0 +1,344 @@
+"""Titans' neural long-term memory: an MLP whose weights are learned at test time; naive and chunked.
+
+The memory ``M`` is an MLP of depth ``L`` (one weight tensor per layer, a batch of them: one MLP
+per batch row and head, ``W_l: [b, h, o, i]``)::
+
+    M(x) = W_1 x                                       L = 1: the linear memory
+    M(x) = x + LN(W_L silu(... silu(W_1 x)))           L >= 2: residual + norm (LN without parameters)
+
+Per token t, with keys/values/queries ``k_t, v_t, q_t: [k]`` and gates ``eta_t, theta_t, alpha_t``::
+
+    loss      l_t(W) = ||M_W(k_t) - v_t||^2                          (eq. 12)
+    surprise  S_t = eta_t S_{t-1} - theta_t grad l_t(W_{t'})         (eq. 14)
+    memory    W_t = (1 - alpha_t) W_{t-1} + S_t                      (eq. 13)
+    read      y_t = M_{W_t}(q_t)                                     (eq. 15, after the write)
+
+where ``W_{t'}`` is the memory before the first token of t's chunk: the gradients of a chunk of
+``c`` tokens are all taken at the chunk's start (the paper's mini-batch gradient descent, eq. 16;
+``c = 1`` is the online rule of eqs. 13-14). Inside a chunk the weights still move token by token
+(momentum and decay are per token), and token t reads the memory *after* its own write, which
+is causal (it uses tokens <= t only).
+
+Two forms, held together by ``tests/test_titans.py``:
+
+* :func:`titans_naive` follows the equations token by token with explicit weight tensors, and
+  takes the per-token gradients with ``torch.func`` (``vmap(grad(loss))``), independently of the
+  closed form below.
+* :func:`titans_chunked` is the form the modules use. Per chunk it takes the gradients at the
+  chunk's start in closed form (:func:`memory_grads`: each is an outer product
+  ``dz_{l,i} a_{l-1,i}^T``), solves the two linear recurrences (momentum, decay) of the chunk in
+  closed form with c x c coefficient matrices (the "scan" of eqs. 17-18, done as matmuls since a
+  chunk is short), and reads every token of the chunk with its own weights without materialising
+  them (the dual form: ``W_t x = A_t W_0 x + B_t S_0 x + sum_i Gamma_ti (a_i . x) dz_i``). Only the
+  chunk boundaries are sequential; the reads of all chunks are one batched einsum.
+
+Both return the memory and momentum after the last **complete** chunk: the tokens of a trailing
+partial chunk are read but not committed (their gradients must be taken at that chunk's start, so
+a caller that continues the stream feeds them again; the modules keep them in their state).
+
+Everything is differentiable with respect to the inputs (keys, values, queries, gates, initial
+weights): the outer loss back-propagates through the inner updates (``stop_grad=True`` cuts it).
+Memory maths runs in fp32 (fp64 for fp64 inputs) with autocast disabled, whatever the input dtype.
+
+Dimension letters (:mod:`memzoo.interface`): b batch, h heads, n tokens, c chunk, k key dim,
+v value dim; here also o/i (output/input width of a memory layer) and g (chunks in the call).
+
+Reference: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv
+2501.00663), section 3.1 (eqs. 8-15) and section 3.2 (eqs. 16-18, chunked training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor
+
+__all__ = [
+    "LN_EPS",
+    "mlp_shapes",
+    "memory_read",
+    "memory_grads",
+    "titans_naive",
+    "titans_chunked",
+]
+
+#: epsilon of the memory's output LayerNorm
+LN_EPS = 1e-5
+#: floor of the per-token log gates (log eta, log(1 - alpha)): a gate of exactly 0 or 1 must not
+#: turn the cumulative sums into -inf - -inf = NaN; exp(-30) ~ 1e-13 is "fully forgotten" anyway
+_LOG_FLOOR = -30.0
+
+Weights = tuple[Tensor, ...]
+
+
+def mlp_shapes(depth: int, dim: int, expansion: int = 4) -> list[tuple[int, int]]:
+    """``(o, i)`` of each memory layer: ``dim -> expansion*dim -> ... -> dim``.
+
+    Args:
+        depth: L >= 1 (1 = the linear memory ``dim -> dim``).
+        dim: key = value dim of a head.
+        expansion: hidden width multiplier of the deep memory.
+    """
+    if depth < 1:
+        raise ValueError(f"memory depth must be >= 1, got {depth}")
+    widths = [dim] + [expansion * dim] * (depth - 1) + [dim]
+    return [(widths[l + 1], widths[l]) for l in range(depth)]
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fp32, or fp64 if the input is fp64 (gradcheck): memory maths never runs below fp32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def memory_read(weights: Weights, x: Tensor, *, residual_norm: bool) -> Tensor:
+    """``M*(x)``: the memory's forward pass with fixed weights (no update).
+
+    Args:
+        weights: per layer ``[..., o, i]`` (e.g. ``[b, h, o, i]``).
+        x: ``[..., n, k]`` inputs (the leading dims broadcast against the weights'), or ``[k]``.
+        residual_norm: ``x + LN(MLP(x))`` (the deep memory) instead of the bare MLP.
+
+    Returns:
+        ``[..., n, v]``.
+
+    Reference: Titans (arXiv 2501.00663), eq. 15.
+    """
+    a = x
+    for l, w in enumerate(weights):
+        z = a @ w.transpose(-1, -2)
+        a = F.silu(z) if l < len(weights) - 1 else z
+    return x + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z
+
+
+def memory_grads(weights: Weights, k: Tensor, v: Tensor, *, residual_norm: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-token gradients of ``l_t = ||M(k_t) - v_t||^2`` w.r.t. each layer, in closed form.
+
+    The gradient of token t w.r.t. layer l is the outer product ``dz_l[t] a_l[t]^T`` (error at the
+    layer's output times its input); they are returned as those two factors, never multiplied out.
+    Differentiable (it is plain tensor algebra), so the outer loss reaches k, v and the weights.
+
+    Args:
+        weights: per layer ``[b, h, o, i]``, the memory the gradients are taken at.
+        k: ``[b, h, c, k]`` keys; v: ``[b, h, c, v]`` values.
+        residual_norm: as in :func:`memory_read`.
+
+    Returns:
+        ``(dz, a)``: lists over layers of ``[b, h, c, o_l]`` and ``[b, h, c, i_l]``.
+
+    Reference: Titans (arXiv 2501.00663), eq. 12 (the loss) and the linear case below eq. 17.
+    """
+    ins, pres = [], []
+    a = k
+    for l, w in enumerate(weights):
+        ins.append(a)
+        z = a @ w.transpose(-1, -2)  # [b, h, c, o]
+        pres.append(z)
+        a = F.silu(z) if l < len(weights) - 1 else z
+    if residual_norm:
+        mu = z.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+        normed = (z - mu) * rstd
+        dout = 2 * (k + normed - v)
+        # backward of a parameter-free LayerNorm
+        dz = rstd * (dout - dout.mean(-1, keepdim=True) - normed * (dout * normed).mean(-1, keepdim=True))
+    else:
+        dz = 2 * (z - v)
+    errs = [dz]
+    for l in range(len(weights) - 2, -1, -1):
+        dz = (dz @ weights[l + 1]) * _silu_grad(pres[l])
+        errs.append(dz)
+    return errs[::-1], ins
+
+
+# ---------------------------------------------------------------------------------- naive
+def titans_naive(
+    weights: Weights,
+    momentum: Weights,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    theta: Tensor,
+    alpha: Tensor,
+    *,
+    chunk_size: int = 1,
+    residual_norm: bool = True,
+) -> tuple[Tensor, Weights, Weights]:
+    """The reference: the memory updated token by token, gradients by ``torch.func``.
+
+    Args:
+        weights: M_0, per layer ``[b, h, o, i]``; momentum: S_0, same shapes.
+        q, k: ``[b, h, n, k]``; v: ``[b, h, n, v]``.
+        eta: ``[b, h, n]`` momentum decay in (0, 1); theta: ``[b, h, n]`` inner learning rate >= 0;
+            alpha: ``[b, h, n]`` forgetting in [0, 1).
+        chunk_size: gradients are taken at the weights of the chunk's start (1 = online).
+        residual_norm: as in :func:`memory_read`.
+
+    Returns:
+        reads ``[b, h, n, v]``, and the weights and momentum after the last complete chunk.
+
+    Reference: Titans (arXiv 2501.00663), eqs. 12-15 (c = 1) and eq. 16 (chunks of c).
+    """
+    b, h, n = q.shape[:3]
+    with torch.autocast(q.device.type, enabled=False):
+
+        def flat(t: Tensor) -> Tensor:
+            return _at_least_fp32(t).reshape(b * h, *t.shape[2:])
+
+        W, S = [flat(w) for w in weights], [flat(s) for s in momentum]
+        q, k, v, eta, theta, alpha = map(flat, (q, k, v, eta, theta, alpha))
+
+        def loss(ws, kt, vt):  # one (batch row, head): ws per layer [o, i], kt [k], vt [v]
+            return (memory_read(ws, kt, residual_norm=residual_norm) - vt).pow(2).sum()
+
+        grad_fn = torch.func.vmap(torch.func.grad(loss))
+        committed = (W, S)
+        reads = []
+        for t in range(n):
+            if t % chunk_size == 0:
+                anchor = tuple(W)  # the memory before the chunk's first token
+            g = grad_fn(anchor, k[:, t], v[:, t])
+            e, th, keep = eta[:, t, None, None], theta[:, t, None, None], 1 - alpha[:, t, None, None]
+            S = [e * s - th * gl for s, gl in zip(S, g)]
+            W = [keep * w + s for w, s in zip(W, S)]
+            reads.append(memory_read(W, q[:, t, None], residual_norm=residual_norm))  # [bh, 1, v]
+            if (t + 1) % chunk_size == 0:
+                committed = (W, S)
+        out = rearrange(torch.cat(reads, dim=1), "(b h) n v -> b h n v", b=b)
+
+        def unflat(ts) -> Weights:
+            return tuple(t.reshape(b, h, *t.shape[1:]) for t in ts)
+
+        return out, unflat(committed[0]), unflat(committed[1])
+
+
+# ---------------------------------------------------------------------------------- chunked
+def _chunk_coefficients(eta: Tensor, theta: Tensor, alpha: Tensor) -> dict[str, Tensor]:
+    """Closed form of a chunk's momentum/decay recurrences, for every chunk at once.
+
+    With E_t = prod_{j<=t} eta_j and D_t = prod_{j<=t} (1 - alpha_j) inside a chunk (t from its
+    first token), unrolling eqs. 13-14 from the chunk's start (W_0, S_0) gives::
+
+        W_t = A_t W_0 + B_t S_0 + sum_{i<=t} Gamma_ti u_i          (u_i: token i's gradient)
+        S_t = E_t S_0 - sum_{i<=t} theta_i (E_t / E_i) u_i
+        A_t = D_t,   B_t = sum_{j<=t} (D_t / D_j) E_j,   Gamma_ti = -theta_i sum_{i<=j<=t} (D_t / D_j)(E_j / E_i)
+
+    Ratios are exponentials of differences of cumulative log gates (never above 1: stable).
+
+    Args:
+        eta, theta, alpha: ``[b, h, g, c]``.
+
+    Returns:
+        dict of ``A, B: [b, h, g, c]``, ``G: [b, h, g, c, c]`` (Gamma, [t, i]) and the chunk-end
+        momentum coefficients ``E_end: [b, h, g]``, ``S_coef: [b, h, g, c]``.
+    """
+    c = eta.shape[-1]
+    LE = eta.clamp_min(1e-38).log().clamp_min(_LOG_FLOOR).cumsum(-1)  # [b, h, g, c]
+    LD = torch.log1p(-alpha.clamp_max(1.0)).clamp_min(_LOG_FLOOR).cumsum(-1)
+    future = ~torch.ones(c, c, dtype=torch.bool, device=eta.device).tril()  # [t, j]: j > t
+    P = (LD[..., :, None] - LD[..., None, :]).masked_fill(future, float("-inf")).exp()  # [.., t, j] = D_t / D_j
+    Q = (LE[..., :, None] - LE[..., None, :]).masked_fill(future, float("-inf")).exp()  # [.., j, i] = E_j / E_i
+    return {
+        "A": LD.exp(),
+        "B": (P @ LE.exp()[..., None])[..., 0],
+        "G": -(P @ Q) * theta[..., None, :],
+        "E_end": LE[..., -1].exp(),
+        "S_coef": -theta * Q[..., -1, :],
+    }
+
+
+def titans_chunked(
+    weights: Weights,
+    momentum: Weights,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    theta: Tensor,
+    alpha: Tensor,
+    *,
+    chunk_size: int = 16,
+    residual_norm: bool = True,
+    stop_grad: bool = False,
+) -> tuple[Tensor, Weights, Weights]:
+    """The fast form: gradients at each chunk's start, momentum and decay solved per chunk.
+
+    Equal to :func:`titans_naive` with the same ``chunk_size`` (to float rounding); with
+    ``chunk_size=1`` it is the online rule. The first token is assumed to start a chunk.
+
+    Args:
+        weights: per layer ``[b, h, o, i]``, the memory at the start (a chunk boundary).
+        momentum: the surprise S at the start, same shapes.
+        q, k: ``[b, h, n, k]`` (l2-normalised by the caller if wanted); v: ``[b, h, n, v]``.
+        eta: ``[b, h, n]`` momentum decay in (0, 1]; theta: ``[b, h, n]`` inner lr >= 0;
+            alpha: ``[b, h, n]`` forgetting in [0, 1].
+        chunk_size: c.
+        residual_norm: as in :func:`memory_read`.
+        stop_grad: cut the outer gradient through the inner updates (the gradients, gates and
+            the updated weights are detached; the reads still depend on q and on the weights
+            given).
+
+    Returns:
+        reads ``[b, h, n, v]`` (fp32), and the weights and momentum after the last complete
+        chunk (the given tensors themselves if no chunk completes).
+
+    Reference: Titans (arXiv 2501.00663), eqs. 16-18 (mini-batch gradient descent with momentum
+    and weight decay, computed per chunk with matmuls).
+    """
+    b, h, n = q.shape[:3]
+    c = chunk_size
+    g = -(-n // c)  # chunks, the last one possibly partial
+    complete = n // c
+    pad = g * c - n
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, eta, theta, alpha = map(_at_least_fp32, (q, k, v, eta, theta, alpha))
+        W, S = [_at_least_fp32(w) for w in weights], [_at_least_fp32(s) for s in momentum]
+        if pad:  # neutral padding (eta 1, theta 0, alpha 0): never read back, never committed
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            eta = F.pad(eta, (0, pad), value=1.0)
+            theta, alpha = F.pad(theta, (0, pad)), F.pad(alpha, (0, pad))
+        if stop_grad:
+            k, v, eta, theta, alpha = (t.detach() for t in (k, v, eta, theta, alpha))
+        coef = _chunk_coefficients(*(rearrange(t, "b h (g c) -> b h g c", c=c) for t in (eta, theta, alpha)))
+        kc, vc = (rearrange(t, "b h (g c) k -> g b h c k", c=c) for t in (k, v))
+
+        # Sequential part: the gradients of chunk j need the weights at its start.
+        starts_w, starts_s, errs, ins = [], [], [], []
+        for j in range(g):
+            wg = [w.detach() for w in W] if stop_grad else W
+            dz, a = memory_grads(wg, kc[j], vc[j], residual_norm=residual_norm)
+            starts_w.append(W)
+            starts_s.append(S)
+            errs.append(dz)
+            ins.append(a)
+            if j < complete:
+                A, B = coef["A"][:, :, j, -1, None, None], coef["B"][:, :, j, -1, None, None]
+                E = coef["E_end"][:, :, j, None, None]
+                G, Sc = coef["G"][:, :, j, -1], coef["S_coef"][:, :, j]  # [b, h, c]
+                W = [A * w + B * s + einsum(G[..., None] * e, x, "b h c o, b h c i -> b h o i") for w, s, e, x in zip(W, S, dz, a)]
+                S = [E * s + einsum(Sc[..., None] * e, x, "b h c o, b h c i -> b h o i") for s, e, x in zip(S, dz, a)]
+                if stop_grad:
+                    W, S = [w.detach() for w in W], [s.detach() for s in S]
+
+        # Parallel part: every token reads with its own weights (dual form), all chunks at once.
+        r = rearrange(q, "b h (g c) k -> b h g c k", c=c)
+        A, B, G = coef["A"][..., None], coef["B"][..., None], coef["G"]
+        for l in range(len(W)):
+            w0 = torch.stack([sw[l] for sw in starts_w], dim=2)  # [b, h, g, o, i]
+            s0 = torch.stack([ss[l] for ss in starts_s], dim=2)
+            a = torch.stack([x[l] for x in ins], dim=2)  # [b, h, g, c, i]
+            dz = torch.stack([e[l] for e in errs], dim=2)  # [b, h, g, c, o]
+            z = A * (r @ w0.transpose(-1, -2)) + B * (r @ s0.transpose(-1, -2)) + (G * (r @ a.transpose(-1, -2))) @ dz
+            r = F.silu(z) if l < len(W) - 1 else z
+        qg = rearrange(q, "b h (g c) k -> b h g c k", c=c)
+        out = qg + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z
+        out = rearrange(out, "b h g c v -> b h (g c) v")[:, :, :n]
+    committed_w = tuple(W) if complete else tuple(weights)
+    committed_s = tuple(S) if complete else tuple(momentum)
+    return out, committed_w, committed_s

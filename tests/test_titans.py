@@ -1,0 +1,320 @@
+"""Titans: the chunked memory against the token-by-token reference, and each placement against a
+small hand-written reference of its data flow (the conformance suite checks the interface rules).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from memzoo.memories.titans import (
+    NeuralMemory,
+    TitansConfig,
+    TitansLMM,
+    TitansMAC,
+    TitansMACConfig,
+    TitansMAG,
+    TitansMAGConfig,
+    TitansMAL,
+    TitansMALConfig,
+)
+from memzoo.ops.rope import apply_rope
+from memzoo.ops.titans import memory_read, mlp_shapes, titans_chunked, titans_naive
+
+
+# ------------------------------------------------------------------------------ ops
+def memory_inputs(b=2, h=3, n=40, k=8, depth=2, *, dtype=torch.float32, lr=0.02, seed=0):
+    """Random memory, l2-normalised q/k, and gates in the range a trained model uses."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=dtype)
+
+    shapes = mlp_shapes(depth, k)
+    weights = tuple(randn(b, h, o, i) / math.sqrt(i) for o, i in shapes)
+    momentum = tuple(0.01 * randn(b, h, o, i) for o, i in shapes)
+    q, kk = (F.normalize(randn(b, h, n, k), dim=-1) for _ in range(2))
+    v = randn(b, h, n, k)
+    eta, theta, alpha = 0.5 + 0.5 * rand(b, h, n), lr * rand(b, h, n), 0.05 * rand(b, h, n)
+    return weights, momentum, q, kk, v, eta, theta, alpha
+
+
+def assert_memory_close(a, b, atol, rtol=0.0):
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=rtol)
+    for x, y in zip(a[1] + a[2], b[1] + b[2]):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_chunked_matches_naive(depth, chunk):
+    """fp32, atol 1e-5: reads, and memory + momentum after the last complete chunk (40 = 2 x 16 + 8)."""
+    args = memory_inputs(depth=depth)
+    rn = depth >= 2
+    naive = titans_naive(*args, chunk_size=chunk, residual_norm=rn)
+    fast = titans_chunked(*args, chunk_size=chunk, residual_norm=rn)
+    assert_memory_close(fast, naive, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_chunked_matches_naive_fp64_strong_gates(depth):
+    """Large inner steps make fp32 chaotic; in fp64 the two forms agree to rounding."""
+    args = memory_inputs(n=29, depth=depth, dtype=torch.float64, lr=0.1)
+    for chunk in (1, 4):
+        naive = titans_naive(*args, chunk_size=chunk, residual_norm=depth >= 2)
+        fast = titans_chunked(*args, chunk_size=chunk, residual_norm=depth >= 2)
+        assert_memory_close(fast, naive, atol=1e-10)
+
+
+def test_outer_gradients_match_naive():
+    """Back-propagation through the inner updates (closed form) equals autograd through torch.func."""
+    args = memory_inputs(b=1, h=2, n=11, k=4, dtype=torch.float64, lr=0.1)
+    leaves = []
+
+    def leaf(t):
+        if isinstance(t, tuple):
+            return tuple(leaf(x) for x in t)
+        t = t.clone().requires_grad_()
+        leaves.append(t)
+        return t
+
+    args = [leaf(a) for a in args]
+    grads = []
+    for fn in (titans_naive, titans_chunked):
+        reads, w, s = fn(*args, chunk_size=4)
+        loss = reads.pow(2).sum() + sum(x.pow(2).sum() for x in w + s)
+        grads.append(torch.autograd.grad(loss, leaves))
+    for fast, naive in zip(*grads):
+        assert fast.abs().sum() > 0
+        torch.testing.assert_close(fast, naive, atol=1e-9, rtol=1e-9)
+
+
+def test_chaining_three_segments_equals_one_call():
+    """Cut at chunk boundaries, the committed memory carries the stream exactly."""
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(n=48)
+    whole = titans_chunked(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=8)
+    reads = []
+    for lo, hi in [(0, 16), (16, 24), (24, 48)]:
+        r, weights, momentum = titans_chunked(weights, momentum, *(t[:, :, lo:hi] for t in (q, k, v, eta, theta, alpha)), chunk_size=8)
+        reads.append(r)
+    assert_memory_close((torch.cat(reads, dim=2), weights, momentum), whole, atol=1e-6)
+
+
+def test_partial_chunk_is_read_but_not_committed():
+    args = memory_inputs(n=10)
+    reads, weights, momentum = titans_chunked(*args, chunk_size=16)
+    assert reads.shape[2] == 10
+    assert all(a is b for a, b in zip(weights + momentum, args[0] + args[1]))
+
+
+def test_stop_grad_cuts_the_inner_updates():
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(n=12)
+    k, q = k.clone().requires_grad_(), q.clone().requires_grad_()
+    reads, w, _ = titans_chunked(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=4, stop_grad=True)
+    assert not any(t.requires_grad for t in w)
+    gq, gk = torch.autograd.grad(reads.sum(), (q, k), allow_unused=True)
+    assert gq is not None and gq.abs().sum() > 0 and gk is None
+
+
+# ------------------------------------------------------------------------------ placements: references
+D, H, N = 16, 2, 21
+SMALL = dict(chunk_size=4, lr_init=0.05, momentum_init=0.8, forget_init=0.01)
+
+
+def heads(t):
+    return rearrange(t, "b n (h k) -> b h n k", h=H)
+
+
+def merge(t):
+    return rearrange(t, "b h n k -> b n (h k)")
+
+
+def ref_memory(mem: NeuralMemory, x: torch.Tensor, *, committed: bool = False):
+    """Reads [b, n, d] of a memory fed the whole stream x from its start, token by token (and, if
+    ``committed``, its weights after the last complete chunk)."""
+    proj = x @ mem.qkv.weight.T  # [b, n, 3d]
+    K = mem.conv.shape[1]
+    padded = F.pad(proj, (0, 0, K - 1, 0))  # a stream starts with zero context
+    conv = sum(padded[:, j : j + x.shape[1]] * mem.conv[:, j] for j in range(K))
+    q, k, v = (heads(t) for t in F.silu(conv).chunk(3, dim=-1))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    eta = torch.sigmoid(mem.eta(x))
+    theta = mem.config.max_lr * torch.sigmoid(mem.theta(x))
+    alpha = torch.sigmoid(mem.alpha(x))
+    gates = (rearrange(g, "b n h -> b h n") for g in (eta, theta, alpha))
+    w0 = tuple(w.expand(x.shape[0], *w.shape) for w in mem.init_weights)
+    reads, weights, _ = titans_naive(
+        w0, tuple(torch.zeros_like(w) for w in w0), q, k, v, *gates, chunk_size=mem.config.chunk_size, residual_norm=mem.residual_norm
+    )
+    return (merge(reads), weights) if committed else merge(reads)
+
+
+def softmax_attend(q, k, v):  # q [b, h, 1, k]
+    return ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def ref_window(attn, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Sliding window over [prefix | x], token by token. Positions: the query at stream p sits at
+    N_p + W + (p mod W) (block-local), a key at stream j at the same position minus p - j, the
+    prefix at 0..N_p-1."""
+    W, n_p, theta = attn.window, prefix.shape[1], attn.rope_theta
+    q, (k, v) = heads(attn.proj.q(x)), (heads(t) for t in attn.proj.kv(x).chunk(2, dim=-1))
+    kp, vp = (heads(t).expand(x.shape[0], -1, -1, -1) for t in attn.proj.kv(prefix).chunk(2, dim=-1))
+    outs = []
+    for p in range(x.shape[1]):
+        lo = max(0, p - W + 1)
+        qpos = n_p + W + p % W
+        keys = torch.cat(
+            [apply_rope(kp, torch.arange(n_p), theta), apply_rope(k[:, :, lo : p + 1], qpos - p + torch.arange(lo, p + 1), theta)], 2
+        )
+        vals = torch.cat([vp, v[:, :, lo : p + 1]], dim=2)
+        outs.append(softmax_attend(apply_rope(q[:, :, p : p + 1], torch.tensor([qpos]), theta), keys, vals))
+    return merge(torch.cat(outs, dim=2))
+
+
+def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
+    """Eqs. 21-25, segment by segment; the memory is re-run from M_0 over all y so far."""
+    mem, S, n_p, theta = mod.memory, mod.segment_len, mod.config.n_persistent, mod.rope_theta
+    d, b = x.shape[2], x.shape[0]
+    K = mem.conv.shape[1]
+    padded = F.pad(x @ mem.qkv.weight[:d].T, (0, 0, K - 1, 0))
+    qh = F.normalize(heads(F.silu(sum(padded[:, j : j + x.shape[1]] * mem.conv[:d, j] for j in range(K)))), dim=-1)
+    q = heads(mod.attn.q(x))
+    kx, vx = (heads(t) for t in mod.attn.kv(x).chunk(2, dim=-1))
+    kp, vp = (heads(t).expand(b, -1, -1, -1) for t in mod.attn.kv(mod.persistent[None]).chunk(2, dim=-1))
+    weights = tuple(w.expand(b, *w.shape) for w in mem.init_weights)
+    ys, outs = [], []
+    for s0 in range(0, x.shape[1], S):
+        s1 = min(x.shape[1], s0 + S)
+        if ys:  # the memory at this segment's start: after all earlier y (a chunk boundary)
+            weights = ref_memory(mem, torch.cat(ys, dim=1), committed=True)[1]
+        h = merge(memory_read(weights, qh[:, :, s0:s1], residual_norm=mem.residual_norm))  # eq. 21
+        kh, vh = (heads(t) for t in mod.attn.kv(h).chunk(2, dim=-1))
+        att = []
+        for i in range(s1 - s0):  # eqs. 22-23: [persistent | h_0..h_i | x_0..x_i]
+            keys = torch.cat(
+                [
+                    apply_rope(kp, torch.arange(n_p), theta),
+                    apply_rope(kh[:, :, : i + 1], n_p + torch.arange(i + 1), theta),
+                    apply_rope(kx[:, :, s0 : s0 + i + 1], n_p + S + torch.arange(i + 1), theta),
+                ],
+                dim=2,
+            )
+            vals = torch.cat([vp, vh[:, :, : i + 1], vx[:, :, s0 : s0 + i + 1]], dim=2)
+            att.append(softmax_attend(apply_rope(q[:, :, s0 + i : s0 + i + 1], torch.tensor([n_p + S + i]), theta), keys, vals))
+        y = mod.attn_out(merge(torch.cat(att, dim=2)))
+        ys.append(y)
+        reads = ref_memory(mem, torch.cat(ys, dim=1))  # eq. 24: written with y, read after each write
+        outs.append(mod.out(y * reads[:, s0:s1]))  # eq. 25
+    return torch.cat(outs, dim=1)
+
+
+def run_module(mod, x, cuts=()):
+    state, outs, start = mod.init_state(x.shape[0]), [], 0
+    for end in [*cuts, x.shape[1]]:
+        out, state = mod(x[:, start:end], state)
+        outs.append(out)
+        start = end
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, N, D, generator=torch.Generator().manual_seed(3))
+
+
+def test_lmm_matches_reference(x):
+    torch.manual_seed(0)
+    mod = TitansLMM(D, H, TitansConfig(**SMALL))
+    with torch.no_grad():
+        torch.testing.assert_close(run_module(mod, x, [5, 6, 13])[0], mod.out(ref_memory(mod.memory, x)), atol=1e-5, rtol=1e-5)
+
+
+def test_mac_matches_reference(x):
+    torch.manual_seed(0)
+    mod = TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, **SMALL))
+    with torch.no_grad():
+        torch.testing.assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), atol=1e-5, rtol=1e-5)
+
+
+def test_mag_matches_reference(x):
+    torch.manual_seed(0)
+    mod = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL))
+    with torch.no_grad():
+        y = ref_window(mod.attn, x, mod.persistent[None])
+        want = mod.out(mod.attn_norm(y) * torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x))))
+        torch.testing.assert_close(run_module(mod, x, [4, 9])[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_mal_matches_reference(x):
+    torch.manual_seed(0)
+    mod = TitansMAL(D, H, TitansMALConfig(window=6, n_persistent=2, **SMALL))
+    with torch.no_grad():
+        r = ref_memory(mod.memory, torch.cat([mod.persistent[None].expand(2, -1, -1), x], dim=1))  # eq. 30
+        want = mod.out(ref_window(mod.attn, r[:, 2:], r[:, :2]))  # eq. 31, the persistent reads as prefix
+        torch.testing.assert_close(run_module(mod, x, [1, 2, 10])[0], want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ placements: properties
+@pytest.mark.parametrize("stop", [False, True])
+def test_gradients_reach_gates_and_keys_through_the_inner_loop(x, stop):
+    """W_K, W_V and the gates act on the output only through the memory's writes."""
+    torch.manual_seed(0)
+    mod = TitansLMM(D, H, TitansConfig(**SMALL, stop_inner_grad=stop))
+    out, _ = run_module(mod, x)
+    out[:, 8:].pow(2).sum().backward()
+    mem = mod.memory
+    through_writes = {
+        "W_K": mem.qkv.weight.grad[D : 2 * D],
+        "W_V": mem.qkv.weight.grad[2 * D :],
+        **{name: getattr(mem, name).weight.grad for name in ("eta", "theta", "alpha")},
+    }
+    for name, grad in through_writes.items():
+        reached = grad is not None and grad.abs().sum() > 0
+        assert reached != stop, f"{name}: gradient {'reached' if reached else 'missing'} with stop_inner_grad={stop}"
+    assert mem.qkv.weight.grad[:D].abs().sum() > 0  # W_Q reads: always trained
+    if not stop:
+        assert all(w.grad.abs().sum() > 0 for w in mem.init_weights)
+
+
+@pytest.mark.parametrize(
+    "cls, config", [(TitansLMM, TitansConfig), (TitansMAC, TitansMACConfig), (TitansMAG, TitansMAGConfig), (TitansMAL, TitansMALConfig)]
+)
+def test_nbytes_flat_over_200_segments(cls, config):
+    knobs = (
+        {"segment_len": 8, "n_persistent": 2}
+        if config is TitansMACConfig
+        else {"window": 6, "n_persistent": 2}
+        if config is not TitansConfig
+        else {}
+    )
+    mod = cls(D, H, config(**SMALL, **knobs))
+    state = mod.init_state(1)
+    sizes = set()
+    with torch.no_grad():
+        for i in range(200):
+            _, state = mod(torch.randn(1, 1 + i % 7, D), state)
+            sizes.add(state.nbytes())
+    assert len(sizes) == 1
+
+
+def test_memory_maths_stays_fp32_under_autocast(x):
+    mod = TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, **SMALL))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = run_module(mod, x)
+    assert torch.isfinite(out).all()
+    assert all(w.dtype == torch.float32 for w in state.memory.weights + state.segment_weights)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        TitansMACConfig(segment_len=10, chunk_size=4)
+    with pytest.raises(ValueError, match="lr_init < max_lr"):
+        TitansConfig(lr_init=0.5, max_lr=0.1)

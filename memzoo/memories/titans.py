@@ -1,0 +1,748 @@
+"""Titans: a neural long-term memory learned at test time, in its four placements.
+
+``titans-lmm`` (the memory alone), ``titans-mac`` (memory as context), ``titans-mag`` (memory as
+gate), ``titans-mal`` (memory as layer). One shared :class:`NeuralMemory`; the maths lives in
+:mod:`memzoo.ops.titans`.
+
+The neural memory (section 3.1 and 4.4 of the paper). Per head, an MLP ``M`` (default 2 layers,
+expansion 4, residual + norm) is trained *while reading* to map keys to values: each token takes
+one gradient step on ``||M(k_t) - v_t||^2`` with momentum ("surprise") and forgetting::
+
+    q, k, v = SiLU(conv4(W_{Q,K,V} x))   per head, q and k l2-normalised
+    eta_t   = sigmoid(w_eta . x_t + b_eta)              momentum decay, per token and head
+    theta_t = max_lr * sigmoid(w_theta . x_t + b_theta) inner learning rate
+    alpha_t = sigmoid(w_alpha . x_t + b_alpha)          forgetting (weight decay)
+
+(each gate is a ``Linear(d -> h)`` of the token that writes; the biases start at ``momentum_init``,
+``lr_init`` and ``forget_init``). The initial weights ``M_0`` are parameters (the outer loop
+learns them); the outer loss back-propagates through every inner update unless
+``stop_inner_grad``.
+
+Chunks and split invariance. Gradients are taken at the start of each chunk of ``chunk_size``
+stream tokens (the paper's mini-batch form); token t reads the memory after its own write, with
+the per-token weights of the mini-batch definition (see :mod:`memzoo.ops.titans`). Chunk
+boundaries are counted in stream positions (the memory's own stream for MAL, which starts with
+the persistent tokens): the state keeps the memory at the last chunk boundary plus the unfinished
+chunk's keys, values and gates, and a call that continues an unfinished chunk feeds them again.
+The depthwise conv takes its left context from the state. So a token's output never depends on
+how the stream is cut into calls, and token-by-token decoding is exactly the training
+computation. Every buffer has a fixed capacity and is written out of place: ``nbytes`` is
+constant and the caller's state is never modified.
+
+Placements (section 4):
+
+* ``titans-mac`` (eqs. 21-25): the stream is cut into segments of ``segment_len`` tokens. Each
+  token's query reads the memory *as it was at the segment's start*, ``h_j = M*(q_j)``; softmax
+  attention of the segment over ``[persistent | h | segment]``, where token i sees every
+  persistent token, ``h_j`` for ``j <= i`` and segment tokens ``j <= i`` (never a read made with
+  a later token's query); the attention output ``y`` writes the memory, and the output is
+  ``y * M*(y)`` (read after each token's write), then a projection. RoPE positions are
+  segment-local: persistent 0..N_p-1, h at N_p + j, the segment at N_p + s + j.
+* ``titans-mag`` (eqs. 26-28): sliding-window attention over ``[persistent | x]`` (the persistent
+  tokens stay visible to every token, as the paper's prefix mask) gated with the memory's read of
+  ``x``: ``out = W_O(RMSNorm(y) * sigmoid(RMSNorm(M(x))))`` (the paper normalises both branches
+  with learnable vector weights and applies a non-linearity; sigmoid makes it a gate).
+* ``titans-mal`` (eqs. 29-31): ``y = M([persistent | x])`` (the persistent tokens open the memory's
+  stream: they are written and read first), then sliding-window attention over ``y`` with the
+  persistent tokens' reads kept visible as a prefix.
+* ``titans-lmm``: the memory alone, ``out = W_O(M(x))``.
+
+Sliding-window positions (MAG, MAL): the stream is cut into blocks of ``window`` tokens; a block's
+queries attend over the previous and the current block (masked to the ``window`` most recent
+tokens) at block-local positions N_p + slot, the prefix at 0..N_p-1, so no position ever exceeds
+``N_p + 2 * window``.
+
+Reference: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..interface import MemoryConfig, MemoryModule, MemoryState
+from ..model import RMSNorm
+from ..ops.attention import attend, causal_mask
+from ..ops.rope import apply_rope
+from ..ops.titans import memory_read, mlp_shapes, titans_chunked
+from ..registry import register
+
+__all__ = [
+    "TitansConfig",
+    "TitansMACConfig",
+    "TitansWindowConfig",
+    "TitansMAGConfig",
+    "TitansMALConfig",
+    "NeuralMemoryState",
+    "WindowState",
+    "TitansMACState",
+    "TitansMAGState",
+    "TitansMALState",
+    "NeuralMemory",
+    "TitansLMM",
+    "TitansMAC",
+    "TitansMAG",
+    "TitansMAL",
+]
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class TitansConfig(MemoryConfig):
+    """The neural memory's knobs, shared by the four placements (alone, it is ``titans-lmm``).
+
+    Attributes:
+        chunk_size: c, tokens per mini-batch of the inner gradient descent (the paper's b):
+            gradients are taken at the chunk's start. 16 as issue 4 asks; 1 is the exact online rule.
+        memory_depth: L_M, layers of the memory MLP (1 = the linear memory ``W k``; the paper finds
+            deeper memories better and uses 2 by default).
+        memory_expansion: hidden width of the deep memory, in multiples of the head dim.
+        conv_kernel: taps of the depthwise causal conv after the q/k/v projections (4, as the
+            paper's "1D depthwise-separable convolution" following modern linear RNNs).
+        max_lr: upper bound of the inner learning rate, ``theta_t = max_lr * sigmoid(.)``: keeps one
+            surprising token from blowing the memory up.
+        lr_init: theta at initialisation (sets the bias of the theta gate); must lie in (0, max_lr).
+        momentum_init: eta at initialisation: how long a surprise keeps writing (0.9: ~10 tokens).
+        forget_init: alpha at initialisation (0.001: a write fades over ~1000 tokens unless the
+            model learns to keep or drop it).
+        stop_inner_grad: stop the outer gradient at the inner updates (the memory's writes are
+            treated as constants: W_K, W_V and the gates then get no gradient from the loss). An
+            ablation; the paper trains through them.
+    """
+
+    chunk_size: int = 16
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    conv_kernel: int = 4
+    max_lr: float = 0.1
+    lr_init: float = 0.01
+    momentum_init: float = 0.9
+    forget_init: float = 0.001
+    stop_inner_grad: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk_size", "memory_depth", "memory_expansion", "conv_kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 < self.lr_init < self.max_lr:
+            raise ValueError(f"need 0 < lr_init < max_lr, got lr_init={self.lr_init}, max_lr={self.max_lr}")
+        for name in ("momentum_init", "forget_init"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)!r}")
+
+    def build_module(self, backbone, layer_idx: int) -> TitansLMM:
+        return TitansLMM(backbone.d_model, backbone.n_heads, self)
+
+
+@dataclass
+class TitansMACConfig(TitansConfig):
+    """``titans-mac``: memory as context.
+
+    Attributes:
+        segment_len: s, tokens per segment (attention's span; h is read once per segment's
+            memory). A multiple of ``chunk_size`` so that segments start at chunk boundaries.
+        n_persistent: N_p, learned persistent tokens in front of every segment.
+    """
+
+    segment_len: int = 512
+    n_persistent: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.segment_len, int) or self.segment_len < 1 or self.segment_len % self.chunk_size:
+            raise ValueError(f"segment_len must be a positive multiple of chunk_size={self.chunk_size}, got {self.segment_len!r}")
+        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+            raise ValueError(f"n_persistent must be an int >= 0, got {self.n_persistent!r}")
+
+    def build_module(self, backbone, layer_idx: int) -> TitansMAC:
+        return TitansMAC(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
+
+
+@dataclass
+class TitansWindowConfig(TitansConfig):
+    """Knobs of the placements with sliding-window attention (MAG, MAL).
+
+    Attributes:
+        window: keys each token attends to (itself included), besides the persistent prefix.
+        n_persistent: N_p, learned persistent tokens, visible to every token.
+    """
+
+    window: int = 512
+    n_persistent: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be a positive int, got {self.window!r}")
+        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
+            raise ValueError(f"n_persistent must be an int >= 0, got {self.n_persistent!r}")
+
+
+@dataclass
+class TitansMAGConfig(TitansWindowConfig):
+    """``titans-mag``: sliding-window attention gated by the memory."""
+
+    def build_module(self, backbone, layer_idx: int) -> TitansMAG:
+        return TitansMAG(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
+
+
+@dataclass
+class TitansMALConfig(TitansWindowConfig):
+    """``titans-mal``: the memory as a layer before sliding-window attention."""
+
+    def build_module(self, backbone, layer_idx: int) -> TitansMAL:
+        return TitansMAL(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
+
+
+@register("titans-lmm")
+def titans_lmm() -> TitansConfig:
+    return TitansConfig()
+
+
+@register("titans-mac")
+def titans_mac() -> TitansMACConfig:
+    return TitansMACConfig()
+
+
+@register("titans-mag")
+def titans_mag() -> TitansMAGConfig:
+    return TitansMAGConfig()
+
+
+@register("titans-mal")
+def titans_mal() -> TitansMALConfig:
+    return TitansMALConfig()
+
+
+# ---------------------------------------------------------------------------------- states
+@dataclass
+class NeuralMemoryState(MemoryState):
+    """The neural memory of one layer: weights at the last chunk boundary + the unfinished chunk.
+
+    Attributes:
+        weights: per memory layer ``[b, h, o, i]``, the memory after the last complete chunk (at
+            stream position 0 these are placeholders: the memory is then the parameter M_0).
+        momentum: the surprise S at that boundary, same shapes.
+        keys: ``[b, h, c, k]`` keys of the unfinished chunk, slots ``[0, fill)``.
+        values: ``[b, h, c, v]`` its values.
+        gates: ``[b, h, c, 3]`` its eta, theta, alpha.
+        conv: ``[b, kernel - 1, 3d]`` the last q/k/v projections before the conv (its left context).
+        position: tokens written so far (of the memory's own stream).
+    """
+
+    weights: tuple
+    momentum: tuple
+    keys: Tensor
+    values: Tensor
+    gates: Tensor
+    conv: Tensor
+    position: int = 0
+
+    @property
+    def fill(self) -> int:
+        """Tokens of the unfinished chunk held in the buffers."""
+        return self.position % self.keys.shape[2]
+
+
+@dataclass
+class WindowState(MemoryState):
+    """Sliding-window attention keys/values: the previous and the current block of ``window`` tokens.
+
+    Attributes:
+        keys: ``[b, h, 2w, k]`` un-rotated keys; slots ``[0, w)`` hold the previous block,
+            ``[w, w + fill)`` the current one.
+        values: ``[b, h, 2w, v]``.
+        position: tokens seen so far.
+    """
+
+    keys: Tensor
+    values: Tensor
+    position: int = 0
+
+
+@dataclass
+class TitansMACState(MemoryState):
+    """``titans-mac`` state of one layer.
+
+    Attributes:
+        memory: the neural memory (written with the attention outputs y).
+        segment_weights: per memory layer ``[b, h, o, i]``, the memory at the current segment's
+            start, which every token of the segment reads h from.
+        query_conv: ``[b, kernel - 1, d]`` conv context of the retrieval queries (projected from x).
+        h_keys, h_values: ``[b, h, s, k]`` attention keys/values of the segment's retrieved h.
+        x_keys, x_values: ``[b, h, s, k]`` attention keys/values of the segment's tokens.
+        position: stream tokens seen so far.
+    """
+
+    memory: NeuralMemoryState
+    segment_weights: tuple
+    query_conv: Tensor
+    h_keys: Tensor
+    h_values: Tensor
+    x_keys: Tensor
+    x_values: Tensor
+    position: int = 0
+
+
+@dataclass
+class TitansMAGState(MemoryState):
+    """``titans-mag`` state: the memory (written with x) and the attention window."""
+
+    memory: NeuralMemoryState
+    window: WindowState
+
+
+@dataclass
+class TitansMALState(MemoryState):
+    """``titans-mal`` state.
+
+    Attributes:
+        memory: the neural memory, whose stream is ``[persistent | x]``.
+        window: the attention window over the memory's reads.
+        prefix: ``[b, N_p, d]`` the memory's reads of the persistent tokens (the attention prefix),
+            computed by the stream's first call.
+    """
+
+    memory: NeuralMemoryState
+    window: WindowState
+    prefix: Tensor
+
+
+# ---------------------------------------------------------------------------------- memory
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    """Titans' long-term memory: per head, an MLP written by surprise at test time.
+
+    Stateless like every memzoo module: :meth:`forward` takes and returns a :class:`NeuralMemoryState`.
+
+    Args:
+        d_model: d.
+        n_heads: h (key = value head dim k = d / h).
+        config: :class:`TitansConfig`.
+
+    Attributes:
+        qkv: ``Linear(d -> 3d)`` the q/k/v projections, followed by ``conv`` (depthwise, ``[3d,
+            kernel]`` taps) and SiLU.
+        eta, theta, alpha: ``Linear(d -> h)`` the per-token gates' logits.
+        init_weights: M_0, per memory layer ``[h, o, i]`` (learned by the outer loop).
+
+    Reference: Titans (arXiv 2501.00663), section 3.1 (eqs. 11-15) and section 4.4.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: TitansConfig):
+        super().__init__()
+        self.config = config
+        self.n_heads, self.head_dim, self.d_model = n_heads, d_model // n_heads, d_model
+        self.residual_norm = config.memory_depth >= 2
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.conv = nn.Parameter(torch.empty(3 * d_model, config.conv_kernel))
+        self.eta = nn.Linear(d_model, n_heads)
+        self.theta = nn.Linear(d_model, n_heads)
+        self.alpha = nn.Linear(d_model, n_heads)
+        shapes = mlp_shapes(config.memory_depth, self.head_dim, config.memory_expansion)
+        self.init_weights = nn.ParameterList(nn.Parameter(torch.empty(n_heads, o, i)) for o, i in shapes)
+        # M_0 is an initial state, not a weight matrix to shrink: no weight decay (param_groups)
+        self.optim_overrides = {f"init_weights.{l}": {"weight_decay": 0.0} for l in range(len(shapes))}
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """Conv like ``nn.Conv1d``'s default, M_0 ~ N(0, 1/fan_in), gate biases at their init values."""
+        bound = 1 / math.sqrt(self.config.conv_kernel)
+        nn.init.uniform_(self.conv, -bound, bound)
+        for w in self.init_weights:
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        cfg = self.config
+        nn.init.constant_(self.eta.bias, _logit(cfg.momentum_init))
+        nn.init.constant_(self.theta.bias, _logit(cfg.lr_init / cfg.max_lr))
+        nn.init.constant_(self.alpha.bias, _logit(cfg.forget_init))
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> NeuralMemoryState:
+        dtype = dtype or self.qkv.weight.dtype
+        mem_dtype = torch.promote_types(dtype, torch.float32)  # memory maths never below fp32
+        b, h, k, c = batch_size, self.n_heads, self.head_dim, self.config.chunk_size
+
+        def zeros(*shape, dt=mem_dtype):
+            return torch.zeros(*shape, device=device, dtype=dt)
+
+        return NeuralMemoryState(
+            weights=tuple(zeros(b, *w.shape) for w in self.init_weights),
+            momentum=tuple(zeros(b, *w.shape) for w in self.init_weights),
+            keys=zeros(b, h, c, k),
+            values=zeros(b, h, c, k),
+            gates=zeros(b, h, c, 3),
+            conv=zeros(b, self.config.conv_kernel - 1, 3 * self.d_model, dt=dtype),
+        )
+
+    # -------------------------------------------------------------- projections
+    def _project(self, x: Tensor, context: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        """``SiLU(conv(x W^T))`` for ``rows`` of qkv; the conv's left context comes from the state.
+
+        Args:
+            x: [b, n, d]; context: [b, kernel - 1, C] the previous projections (C = rows' width).
+
+        Returns:
+            [b, n, C] and the next context.
+        """
+        p = F.linear(x, self.qkv.weight[rows])  # [b, n, C]
+        full = torch.cat([context.to(p.dtype), p], dim=1)  # [b, kernel - 1 + n, C]
+        taps = self.conv[rows].to(p.dtype)
+        y = F.conv1d(rearrange(full, "b n c -> b c n"), taps[:, None, :], groups=taps.shape[0])  # [b, C, n]
+        return F.silu(rearrange(y, "b c n -> b n c")), full[:, full.shape[1] - context.shape[1] :]
+
+    def queries(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """l2-normalised queries only (MAC's retrieval from x): [b, h, n, k], next conv context [b, kernel - 1, d]."""
+        y, context = self._project(x, context, slice(0, self.d_model))
+        return F.normalize(rearrange(y, "b n (h k) -> b h n k", h=self.n_heads), dim=-1), context
+
+    def _gates(self, x: Tensor) -> Tensor:
+        """``[b, h, n, 3]``: eta, theta, alpha of each token (fp32: eta near 1 needs the mantissa)."""
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            eta = torch.sigmoid(F.linear(xf, self.eta.weight.float(), self.eta.bias.float()))
+            theta = self.config.max_lr * torch.sigmoid(F.linear(xf, self.theta.weight.float(), self.theta.bias.float()))
+            alpha = torch.sigmoid(F.linear(xf, self.alpha.weight.float(), self.alpha.bias.float()))
+        return rearrange(torch.stack([eta, theta, alpha], dim=-1), "b n h three -> b h n three")
+
+    def current(self, state: NeuralMemoryState) -> tuple[tuple, tuple]:
+        """The memory and momentum at the last chunk boundary (M_0 and 0 at the stream's start)."""
+        if state.position == 0:
+            b = state.keys.shape[0]
+            return tuple(w.expand(b, *w.shape) for w in self.init_weights), state.momentum
+        return state.weights, state.momentum
+
+    # -------------------------------------------------------------- write + read
+    def forward(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        """Write the tokens into the memory and read it with their queries (each after its own write).
+
+        Args:
+            x: [b, n, d] the tokens that write (keys, values, gates) and read (queries).
+            state: from :meth:`init_state` or the previous call.
+
+        Returns:
+            reads [b, n, d] (heads concatenated) and the next state.
+        """
+        y, conv = self._project(x, state.conv, slice(None))
+        q, k, v = rearrange(y, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        gates = self._gates(x)
+        f, c = state.fill, self.config.chunk_size
+        if f:  # the unfinished chunk again: its gradients are taken at its start, with these tokens'
+            q = torch.cat([torch.zeros_like(q[:, :, :1]).expand(-1, -1, f, -1), q], dim=2)  # its reads are discarded
+            k = torch.cat([state.keys[:, :, :f].to(k.dtype), k], dim=2)
+            v = torch.cat([state.values[:, :, :f].to(v.dtype), v], dim=2)
+            gates = torch.cat([state.gates[:, :, :f], gates], dim=2)
+        weights, momentum = self.current(state)
+        reads, weights, momentum = titans_chunked(
+            weights,
+            momentum,
+            q,
+            k,
+            v,
+            *gates.unbind(-1),
+            chunk_size=c,
+            residual_norm=self.residual_norm,
+            stop_grad=self.config.stop_inner_grad,
+        )
+        total = k.shape[2]
+        left = total % c
+        keys, values, buf_gates = state.keys, state.values, state.gates
+        if left:  # out-of-place writes: the caller's state stays valid (and autograd sees no in-place op)
+            keys = keys.slice_scatter(k[:, :, total - left :].to(keys.dtype), dim=2, start=0, end=left)
+            values = values.slice_scatter(v[:, :, total - left :].to(values.dtype), dim=2, start=0, end=left)
+            buf_gates = buf_gates.slice_scatter(gates[:, :, total - left :].to(buf_gates.dtype), dim=2, start=0, end=left)
+        next_state = NeuralMemoryState(
+            weights=tuple(w.to(s.dtype) for w, s in zip(weights, state.weights)),
+            momentum=tuple(m.to(s.dtype) for m, s in zip(momentum, state.momentum)),
+            keys=keys,
+            values=values,
+            gates=buf_gates,
+            conv=conv.to(state.conv.dtype),
+            position=state.position + x.shape[1],
+        )
+        return rearrange(reads[:, :, f:], "b h n v -> b n (h v)").to(x.dtype), next_state
+
+
+# ---------------------------------------------------------------------------------- attention
+def _heads(t: Tensor, h: int) -> Tensor:
+    return rearrange(t, "b n (h k) -> b h n k", h=h)
+
+
+class _Projections(nn.Module):
+    """Softmax attention's projections: queries from the attending tokens, keys/values from any."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+
+    def queries(self, x: Tensor) -> Tensor:  # [b, n, d] -> [b, h, n, k]
+        return _heads(self.q(x), self.n_heads)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:  # [b, n, d] -> 2 x [b, h, n, k]
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return _heads(k, self.n_heads), _heads(v, self.n_heads)
+
+
+def _rope_attend(q: Tensor, q_pos: Tensor, k: Tensor, k_pos: Tensor, v: Tensor, mask: Tensor, theta: float) -> Tensor:
+    """Attention with RoPE at explicit (local) positions and an explicit mask [s, t]."""
+    return attend(apply_rope(q, q_pos, theta), apply_rope(k.to(q.dtype), k_pos, theta), v.to(q.dtype), causal=False, mask=mask)
+
+
+class _PrefixWindowAttention(nn.Module):
+    """Sliding-window softmax attention over ``[prefix | stream]``, the prefix visible to every token.
+
+    Blocks of ``window`` stream tokens: a block's queries see the previous and current block
+    (masked to the ``window`` most recent keys), at block-local RoPE positions.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, window: int, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.window, self.rope_theta = n_heads, d_model // n_heads, window, rope_theta
+        self.proj = _Projections(d_model, n_heads)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> WindowState:
+        shape = (batch_size, self.n_heads, 2 * self.window, self.head_dim)
+        return WindowState(keys=torch.zeros(shape, device=device, dtype=dtype), values=torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, prefix: Tensor, state: WindowState) -> tuple[Tensor, WindowState]:
+        """x: [b, n, d]; prefix: [b or 1, N_p, d] -> heads concatenated [b, n, d], next state."""
+        b, n, W = x.shape[0], x.shape[1], self.window
+        q = self.proj.queries(x)
+        k, v = self.proj.keys_values(x)
+        kp, vp = (t.expand(b, -1, -1, -1) for t in self.proj.keys_values(prefix))  # [b, h, N_p, k]
+        n_p = kp.shape[2]
+        outs, start = [], 0
+        keys, values, pos = state.keys, state.values, state.position
+        while start < n:
+            off = pos % W
+            end = min(n, start + W - off)
+            m = end - start
+            if off == 0 and pos > 0:  # a new block: the current one becomes the previous one
+                keys = torch.cat([keys[:, :, W:], torch.zeros_like(keys[:, :, W:])], dim=2)
+                values = torch.cat([values[:, :, W:], torch.zeros_like(values[:, :, W:])], dim=2)
+            keys = keys.slice_scatter(k[:, :, start:end].to(keys.dtype), dim=2, start=W + off, end=W + off + m)
+            values = values.slice_scatter(v[:, :, start:end].to(values.dtype), dim=2, start=W + off, end=W + off + m)
+            t = W + off + m
+            mask = causal_mask(m, t, window=W, device=x.device)  # [m, t]
+            if pos - off == 0:  # the stream's first block has no previous block
+                mask = mask & (torch.arange(t, device=x.device) >= W)
+            mask = torch.cat([mask.new_ones(m, n_p), mask], dim=1)
+            slots = torch.arange(t, device=x.device)
+            out = _rope_attend(
+                q[:, :, start:end],
+                n_p + slots[W + off :],
+                torch.cat([kp.to(keys.dtype), keys[:, :, :t]], dim=2),
+                torch.cat([torch.arange(n_p, device=x.device), n_p + slots]),
+                torch.cat([vp.to(values.dtype), values[:, :, :t]], dim=2),
+                mask,
+                self.rope_theta,
+            )
+            outs.append(out)
+            pos += m
+            start = end
+        y = rearrange(torch.cat(outs, dim=2), "b h n k -> b n (h k)")
+        return y, WindowState(keys=keys, values=values, position=pos)
+
+
+# ---------------------------------------------------------------------------------- placements
+class TitansLMM(MemoryModule):
+    """``titans-lmm``: the neural memory alone, ``out = W_O(M(x))``.
+
+    Reference: Titans (arXiv 2501.00663), section 3 (LMM in the experiments).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: TitansConfig):
+        super().__init__()
+        self.config = config
+        self.memory = NeuralMemory(d_model, n_heads, config)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> NeuralMemoryState:
+        return self.memory.init_state(batch_size, device=self._default_device(device), dtype=dtype)
+
+    def forward(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        r, state = self.memory(x, state)
+        return self.out(r), state
+
+
+class _WithPersistent(MemoryModule):
+    """Shared bits of the placements with persistent tokens."""
+
+    def __init__(self, d_model: int, n_heads: int, config):
+        super().__init__()
+        self.config = config
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.memory = NeuralMemory(d_model, n_heads, config)
+        self.persistent = nn.Parameter(torch.empty(config.n_persistent, d_model))
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        # learned tokens like embeddings: no weight decay (param_groups)
+        self.optim_overrides = {"persistent": {"weight_decay": 0.0}}
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """Persistent tokens ~ N(0, 1): the scale of the normed hidden states they sit beside."""
+        nn.init.normal_(self.persistent, std=1.0)
+
+    def persistent_tokens(self, dtype: torch.dtype) -> Tensor:
+        """[1, N_p, d] the persistent tokens, as a fresh copy: they are the *input* of Linears, and
+        MKL rounds differently for an input that is not 64-byte aligned, which a parameter loaded
+        from safetensors may not be (a reloaded model must give bit-identical outputs)."""
+        return self.persistent[None].to(dtype, copy=True)
+
+
+class TitansMAC(_WithPersistent):
+    """``titans-mac``: memory as context (see the module docstring for the data flow).
+
+    Reference: Titans (arXiv 2501.00663), section 4.1, eqs. 21-25 and figure 2.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: TitansMACConfig, rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, config)
+        self.segment_len, self.rope_theta = config.segment_len, rope_theta
+        self.attn = _Projections(d_model, n_heads)
+        self.attn_out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMACState:
+        device = self._default_device(device)
+        dtype = dtype or self.out.weight.dtype
+        memory = self.memory.init_state(batch_size, device=device, dtype=dtype)
+        buf = (batch_size, self.n_heads, self.segment_len, self.head_dim)
+        return TitansMACState(
+            memory=memory,
+            segment_weights=tuple(torch.zeros_like(w) for w in memory.weights),
+            query_conv=torch.zeros(batch_size, self.config.conv_kernel - 1, self.memory.d_model, device=device, dtype=dtype),
+            h_keys=torch.zeros(buf, device=device, dtype=dtype),
+            h_values=torch.zeros(buf, device=device, dtype=dtype),
+            x_keys=torch.zeros(buf, device=device, dtype=dtype),
+            x_values=torch.zeros(buf, device=device, dtype=dtype),
+        )
+
+    def forward(self, x: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
+        outs, start, n = [], 0, x.shape[1]
+        while start < n:  # cut the call at the stream's segment boundaries
+            end = min(n, start + self.segment_len - state.position % self.segment_len)
+            out, state = self._piece(x[:, start:end], state)
+            outs.append(out)
+            start = end
+        return torch.cat(outs, dim=1), state
+
+    def _piece(self, x: Tensor, state: TitansMACState) -> tuple[Tensor, TitansMACState]:
+        """Tokens [b, m, d] of one segment (possibly continuing it)."""
+        S, n_p, m = self.segment_len, self.config.n_persistent, x.shape[1]
+        off = state.position % S
+        if off == 0:  # a new segment: freeze the memory as it is now (a chunk boundary) for h
+            current = self.memory.current(state.memory)[0]
+            # a copy: a tensor shared with memory.weights would be counted once by nbytes
+            seg_weights = tuple(w.to(s.dtype, copy=True) for w, s in zip(current, state.segment_weights))
+        else:
+            seg_weights = state.segment_weights
+        # h_j = M*(q_j), read from the segment-start memory without writing (eq. 21)
+        qh, query_conv = self.memory.queries(x, state.query_conv)
+        with torch.autocast(x.device.type, enabled=False):
+            h = memory_read(tuple(w.float() for w in seg_weights), qh.float(), residual_norm=self.memory.residual_norm)
+        h = rearrange(h, "b h m v -> b m (h v)").to(x.dtype)
+        # attention over [persistent | h | segment] (eqs. 22-23), causal in both h and the segment
+        q = self.attn.queries(x)
+        kx, vx = self.attn.keys_values(x)
+        kh, vh = self.attn.keys_values(h)
+        kp, vp = (t.expand(x.shape[0], -1, -1, -1) for t in self.attn.keys_values(self.persistent_tokens(x.dtype)))
+        sl = dict(dim=2, start=off, end=off + m)
+        x_keys = state.x_keys.slice_scatter(kx.to(state.x_keys.dtype), **sl)
+        x_values = state.x_values.slice_scatter(vx.to(state.x_values.dtype), **sl)
+        h_keys = state.h_keys.slice_scatter(kh.to(state.h_keys.dtype), **sl)
+        h_values = state.h_values.slice_scatter(vh.to(state.h_values.dtype), **sl)
+        t = off + m
+        slots = torch.arange(t, device=x.device)
+        seen = slots[None, :] <= (off + torch.arange(m, device=x.device))[:, None]  # [m, t]: slot j <= token i
+        mask = torch.cat([seen.new_ones(m, n_p), seen, seen], dim=1)
+        y = _rope_attend(
+            q,
+            n_p + S + off + torch.arange(m, device=x.device),
+            torch.cat([kp.to(x_keys.dtype), h_keys[:, :, :t], x_keys[:, :, :t]], dim=2),
+            torch.cat([torch.arange(n_p, device=x.device), n_p + slots, n_p + S + slots]),
+            torch.cat([vp.to(x_values.dtype), h_values[:, :, :t], x_values[:, :, :t]], dim=2),
+            mask,
+            self.rope_theta,
+        )
+        y = self.attn_out(rearrange(y, "b h m k -> b m (h k)"))
+        # write the memory with y, then read it with y (eqs. 24-25): out = y * M*(y)
+        r, memory = self.memory(y, state.memory)
+        next_state = TitansMACState(
+            memory=memory,
+            segment_weights=seg_weights,
+            query_conv=query_conv.to(state.query_conv.dtype),
+            h_keys=h_keys,
+            h_values=h_values,
+            x_keys=x_keys,
+            x_values=x_values,
+            position=state.position + m,
+        )
+        return self.out(y * r), next_state
+
+
+class TitansMAG(_WithPersistent):
+    """``titans-mag``: sliding-window attention over ``[persistent | x]`` gated by ``M(x)``.
+
+    Reference: Titans (arXiv 2501.00663), section 4.2, eqs. 26-28 and figure 3.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: TitansMAGConfig, rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, config)
+        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta)
+        self.attn_norm = RMSNorm(d_model)
+        self.memory_norm = RMSNorm(d_model)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMAGState:
+        device = self._default_device(device)
+        dtype = dtype or self.out.weight.dtype
+        return TitansMAGState(
+            memory=self.memory.init_state(batch_size, device=device, dtype=dtype),
+            window=self.attn.init_state(batch_size, device=device, dtype=dtype),
+        )
+
+    def forward(self, x: Tensor, state: TitansMAGState) -> tuple[Tensor, TitansMAGState]:
+        r, memory = self.memory(x, state.memory)
+        y, window = self.attn(x, self.persistent_tokens(x.dtype), state.window)
+        out = self.out(self.attn_norm(y) * torch.sigmoid(self.memory_norm(r)))
+        return out, TitansMAGState(memory=memory, window=window)
+
+
+class TitansMAL(_WithPersistent):
+    """``titans-mal``: ``y = M([persistent | x])``, then sliding-window attention over y.
+
+    Reference: Titans (arXiv 2501.00663), section 4.3, eqs. 29-31.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, config: TitansMALConfig, rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, config)
+        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMALState:
+        device = self._default_device(device)
+        dtype = dtype or self.out.weight.dtype
+        return TitansMALState(
+            memory=self.memory.init_state(batch_size, device=device, dtype=dtype),
+            window=self.attn.init_state(batch_size, device=device, dtype=dtype),
+            prefix=torch.zeros(batch_size, self.config.n_persistent, self.memory.d_model, device=device, dtype=dtype),
+        )
+
+    def forward(self, x: Tensor, state: TitansMALState) -> tuple[Tensor, TitansMALState]:
+        n_p = self.config.n_persistent
+        first = state.memory.position == 0
+        if first:  # the persistent tokens open the memory's stream (eq. 29)
+            x = torch.cat([self.persistent_tokens(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        r, memory = self.memory(x, state.memory)
+        prefix = r[:, :n_p] if first else state.prefix.to(r.dtype)
+        y, window = self.attn(r[:, n_p:] if first else r, prefix, state.window)
+        next_state = TitansMALState(memory=memory, window=window, prefix=prefix.to(state.prefix.dtype))
+        return self.out(y), next_state

@@ -13,7 +13,18 @@ from pathlib import Path
 
 from .plots import format_length
 
-__all__ = ["write_card", "accuracy_table"]
+__all__ = ["write_card", "accuracy_table", "rouge_table"]
+
+# What differs between tasks in a card: (tag, what it was trained for, its training data, the results heading).
+_TASKS = {
+    "passkey": ("passkey", "passkey retrieval", "synthetic passkey prompts (Landmark-attention template)", "Passkey accuracy"),
+    "booksum-synthetic": (
+        "booksum", "book summarization (synthetic books)",
+        "synthetic books (narrative filler with key events, `memzoo.tasks.make_synthetic_book`) "
+        "followed by `Summary:` and the list of events",
+        "Summarization (ROUGE F1 x 100)",
+    ),
+}
 
 
 def accuracy_table(results: dict) -> str:
@@ -32,12 +43,32 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(checkpoint: str | Path, results_path: str | Path | None = None) -> Path:
+def _books_phrase(results: dict) -> str:
+    data = results.get("data", {})
+    if data.get("source") == "synthetic":
+        lengths = " and ".join(format_length(n) for n in data["lengths"])
+        return f"{results['n_books']} held-out synthetic books of {lengths} tokens ({data['n_events']} events each, seeds {data['seeds']})"
+    return f"{results['n_books']} books from {data.get('source', '?')}"
+
+
+def rouge_table(results: dict) -> str:
+    """Markdown table of a booksum results dict: ROUGE per book and over all books."""
+    lines = ["| book | tokens | R-1 | R-2 | R-L | overall |", "|---|---|---|---|---|---|"]
+    for b in results["books"]:
+        lines.append(f"| {b['id']} | {b['n_tokens']} | {b['rouge1']:.2f} | {b['rouge2']:.2f} | {b['rougeL']:.2f} | {b['overall']:.2f} |")
+    g = results["rouge"]
+    lines.append(f"| **all** | | {g['rouge1']:.2f} | {g['rouge2']:.2f} | {g['rougeL']:.2f} | {g['overall']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_card(checkpoint: str | Path, results_path: str | Path | None = None, task: str | None = None) -> Path:
     """(Re)write ``checkpoint/README.md`` from ``checkpoint/training.json`` and a results JSON.
 
     Args:
         checkpoint: a shipped checkpoint folder.
-        results_path: passkey results JSON of this checkpoint (from ``memzoo passkey eval``).
+        results_path: results JSON of this checkpoint (from ``memzoo passkey eval`` or ``memzoo booksum eval``).
+        task: ``"passkey"`` or ``"booksum-synthetic"``; default: ``training.json``'s ``task``, else
+            booksum if the results hold ROUGE, else passkey.
 
     Returns:
         the card's path.
@@ -47,15 +78,18 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None) -
     training_file = checkpoint / "training.json"
     training = json.loads(training_file.read_text()) if training_file.is_file() else {}
     name = config["memory"]
+    results = json.loads(Path(results_path).read_text()) if results_path and Path(results_path).is_file() else None
+    task = task or training.get("task") or ("booksum-synthetic" if results and "rouge" in results else "passkey")
+    tag, purpose, data, heading = _TASKS[task]
     lines = [
         "---",
         "library_name: memzoo",
-        f"tags: [memzoo, long-context, passkey, {name}]",
+        f"tags: [memzoo, long-context, {tag}, {name}]",
         "---",
         f"# {checkpoint.name}",
         "",
-        f"A tiny byte-level memzoo model whose every layer uses the `{name}` memory design, trained for passkey "
-        "retrieval on a 2-core CPU. It exists to compare memory designs side by side, not to be useful on its own.",
+        f"A tiny byte-level memzoo model whose every layer uses the `{name}` memory design, trained for {purpose} "
+        "on a 2-core CPU. It exists to compare memory designs side by side, not to be useful on its own.",
         "",
         "```python",
         "import memzoo",
@@ -87,16 +121,26 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None) -
             f"{training['train_seconds'] / 60:.1f} min of training on this project's 2-core CPU)",
             f"- final training loss (weighted cross-entropy): {training['final_loss']:.4f}",
             f"- parameters: {training['parameters']:,}",
-            "- data: synthetic passkey prompts (Landmark-attention template), curriculum "
+            f"- data: {data}, curriculum "
             + ", ".join(f"{s['n_tokens']} tokens x {s['batch_size']}" for s in training.get("curriculum", [])),
         ]
         if training.get("notes"):
             lines += ["", training["notes"]]
     else:
         lines.append("Not recorded.")
-    lines += ["", "## Passkey accuracy", ""]
-    if results_path and Path(results_path).is_file():
-        results = json.loads(Path(results_path).read_text())
+    lines += ["", f"## {heading}", ""]
+    if results and task == "booksum-synthetic":
+        decoding = results.get("decoding", {})
+        lines += [
+            _books_phrase(results) + ", "
+            + ("sampled (temperature {temperature}, top-p {top_p})".format(**decoding) if decoding.get("do_sample") else "greedy decoding")
+            + f"; measured with `{results.get('command', 'memzoo booksum eval')}` (results: `{results_path}`"
+            + ("" if results.get("complete", True) else ", **incomplete: the run was cut short**")
+            + ").",
+            "",
+            rouge_table(results),
+        ]
+    elif results:
         lines += [
             f"Correct answers out of {results['n_keys']} keys per cell, greedy decoding; measured with "
             f"`memzoo passkey eval --checkpoint checkpoints/{checkpoint.name}` (results: `{results_path}`"

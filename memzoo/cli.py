@@ -5,6 +5,8 @@
     memzoo passkey compare            # evaluate the shipped checkpoints side by side (the main job)
     memzoo passkey train --config recipes/configs/passkey/infini.yaml --out runs/passkey-infini
     memzoo passkey eval --checkpoint checkpoints/passkey-infini --max-length 1M
+    memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
+    memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
 
 Each sub-command is a small function below; long jobs live in ``recipes/`` and in the
 ``memzoo.tasks`` / ``memzoo.training`` packages, which the sub-commands call.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -71,7 +74,8 @@ def _lengths(args: argparse.Namespace) -> list[int]:
     return lengths
 
 
-def _cmd_passkey_train(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train any recipe (passkey, booksum-synthetic, ...): the task comes from the config."""
     from memzoo.training.recipe import load_recipe, train_recipe
 
     recipe = load_recipe(args.config)
@@ -128,7 +132,7 @@ def _print_table(all_results: list[dict]) -> None:
         print(f"{r['design']:14s} " + " ".join(row))
 
 
-def _cmd_passkey_derive(args: argparse.Namespace) -> int:
+def _cmd_derive(args: argparse.Namespace) -> int:
     import memzoo
 
     overrides = {}
@@ -139,13 +143,20 @@ def _cmd_passkey_derive(args: argparse.Namespace) -> int:
     model = memzoo.swap_memory(source, args.memory, **overrides)
     stored = _stored_dtype(args.bf16)
     model.save_pretrained(args.out, dtype=stored)
-    info = {"derived_from": str(args.source), "command": _command_line(), "stored_dtype": "bfloat16" if stored else "float32"}
+    info = {"derived_from": str(args.source), "command": _command_line(args), "stored_dtype": "bfloat16" if stored else "float32"}
+    source_training = Path(args.source) / "training.json"
+    task = json.loads(source_training.read_text()).get("task") if source_training.is_file() else None
+    if task:  # the card of a derived checkpoint describes the source's task
+        info["task"] = task
     _write_training(args.out, info)
     print(f"wrote {args.out}: {args.memory} {overrides} on the weights of {args.source}")
     return 0
 
 
-def _command_line() -> str:
+def _command_line(args: argparse.Namespace | None = None) -> str:
+    """The command that is running, for provenance: ``memzoo`` + the arguments ``main`` parsed (the same from a recipe script)."""
+    if args is not None and getattr(args, "argv", None) is not None:
+        return "memzoo " + shlex.join(args.argv)
     return "memzoo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "memzoo" else " ".join(["python", *sys.argv])
 
 
@@ -159,7 +170,7 @@ def _write_training(checkpoint: str | Path, info: dict) -> None:
     (Path(checkpoint) / "training.json").write_text(json.dumps(info, indent=1))
 
 
-def _cmd_passkey_ship(args: argparse.Namespace) -> int:
+def _cmd_ship(args: argparse.Namespace) -> int:
     """Copy a finished run's model into a shipped checkpoint folder with its training record."""
     import memzoo
     from memzoo.training.recipe import load_recipe
@@ -172,7 +183,8 @@ def _cmd_passkey_ship(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out, dtype=stored)
     info = summary | {
         "recipe_file": args.config,
-        "command": f"memzoo passkey train --config {args.config} --out {args.run}",
+        "command": f"memzoo {args.command} train --config {args.config} --out {args.run}",
+        "task": recipe["task"]["name"],
         "curriculum": recipe["task"].get("curriculum", []),
         "stored_dtype": "bfloat16" if stored else "float32",
         "notes": recipe.get("notes", ""),
@@ -182,7 +194,7 @@ def _cmd_passkey_ship(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_passkey_card(args: argparse.Namespace) -> int:
+def _cmd_card(args: argparse.Namespace) -> int:
     from memzoo.cards import write_card
 
     print(f"wrote {write_card(args.checkpoint, args.results)}")
@@ -214,6 +226,125 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- booksum
+
+
+def _booksum_books(args: argparse.Namespace) -> tuple[list, dict]:
+    """The books to evaluate on (held-out synthetic ones, or BookSum) and their description for the results JSON."""
+    if args.data == "booksum":
+        from memzoo.tasks.booksum import load_booksum
+
+        books = load_booksum(args.split, level=args.level, path=args.path, limit=args.limit)
+        return books, {"source": "booksum", "path": args.path, "split": args.split, "level": args.level, "limit": args.limit}
+    from memzoo.tasks.booksum_eval import synthetic_books
+    from memzoo.tasks.passkey_eval import parse_length
+
+    lengths, seeds = [parse_length(x) for x in args.lengths], list(range(args.seed, args.seed + args.n_books))
+    books = [b for n in lengths for b in synthetic_books(n, seeds, n_events=args.n_events)]
+    return books, {"source": "synthetic", "lengths": lengths, "seeds": seeds, "n_events": args.n_events}
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def _evaluate_booksum_model(books: list, data: dict, args: argparse.Namespace, *, checkpoint: str | None = None) -> dict:
+    """Evaluate a memzoo checkpoint, or ``args.hf`` with an EvictingCache; results JSON saved (partially, book by book)."""
+    import torch
+
+    from memzoo.tasks.passkey_eval import save_results
+
+    torch.manual_seed(0)
+    if checkpoint is not None:
+        import memzoo
+        from memzoo.tasks.booksum_eval import evaluate_booksum
+
+        model = memzoo.load(checkpoint)
+        name, source = args.name or model.config.memory, {"checkpoint": str(checkpoint)}
+
+        def run(on_book):
+            return evaluate_booksum(model, books, segment_len=args.segment_len, seed=args.seed, progress=not args.quiet,
+                                    on_book=on_book, name=name, **_decoding(args))  # fmt: skip
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from memzoo.hf import EvictingCache
+        from memzoo.tasks.booksum_eval import evaluate_booksum_hf
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.hf), AutoTokenizer.from_pretrained(args.hf)
+        kwargs = {} if args.cache == "full" else {"budget": args.budget, "evict_every": args.evict_every}
+        name = args.name or f"hf-{model.config.model_type}-{args.cache}"
+        source = {"hf_model": args.hf, "cache_policy": args.cache, **kwargs}
+
+        def run(on_book):
+            return evaluate_booksum_hf(model, tokenizer, books, cache_factory=lambda: EvictingCache(args.cache, **kwargs), seed=args.seed,
+                                       progress=not args.quiet, on_book=on_book, name=name, **_decoding(args))  # fmt: skip
+
+    out_json = Path(args.out) / f"{name}.json"
+    partial: list[dict] = []
+
+    def save_partial(book: dict) -> None:  # a long evaluation keeps what it has if interrupted
+        partial.append(book)
+        save_results({"model": name, **source, "data": data, "books": partial, "complete": False}, out_json)
+
+    results = run(save_partial) | source | {"data": data, "command": _command_line(args), "complete": True}
+    save_results(results, out_json)
+    print(f"wrote {out_json}", flush=True)
+    return results
+
+
+def _print_rouge_table(all_results: list[dict]) -> None:
+    """A markdown table: ROUGE-1/2/L F1 and overall (x100) per model, streaming speed and memory."""
+    print("| model | books | R-1 | R-2 | R-L | overall | tokens/s | state bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in all_results:
+        g = r["rouge"]
+        state = max((b.get("state_bytes", b.get("cache_tokens", 0)) for b in r["books"]), default=0)
+        print(f"| {r['model']} | {r['n_books']} | {g['rouge1']:.2f} | {g['rouge2']:.2f} | {g['rougeL']:.2f} | {g['overall']:.2f} "
+              f"| {r['tokens_per_s']} | {state} |")  # fmt: skip
+
+
+def _cmd_booksum_eval(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.hf is None):
+        raise SystemExit("give exactly one of --checkpoint (a memzoo model) or --hf (a transformers causal LM)")
+    books, data = _booksum_books(args)
+    _print_rouge_table([_evaluate_booksum_model(books, data, args, checkpoint=args.checkpoint)])
+    return 0
+
+
+def _cmd_booksum_compare(args: argparse.Namespace) -> int:
+    paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("booksum-*") if (p / "config.json").is_file())
+    if not paths:
+        raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
+    books, data = _booksum_books(args)  # the same books for every checkpoint
+    all_results = []
+    for path in paths:
+        print(f"== {path}", flush=True)
+        all_results.append(_evaluate_booksum_model(books, data, args, checkpoint=path))
+    _print_rouge_table(all_results)
+    return 0
+
+
+def _add_booksum_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", choices=["synthetic", "booksum"], default="synthetic", help="held-out synthetic books, or BookSum")
+    p.add_argument("--lengths", nargs="+", default=["64K"], help="synthetic book lengths in tokens, e.g. 4096 64K (default 64K)")
+    p.add_argument("--n-books", type=int, default=3, help="synthetic books per length (seeds SEED .. SEED+N-1)")
+    p.add_argument("--n-events", type=int, default=4, help="key events per synthetic book (as in the shipped recipes)")
+    p.add_argument("--path", default=None, help="BookSum: local files in the BookSum schema (default: the Hub)")
+    p.add_argument("--split", default="test", help="BookSum split")
+    p.add_argument("--level", choices=["chapter", "book"], default="chapter", help="BookSum level")
+    p.add_argument("--limit", type=int, default=None, help="BookSum: first N examples")
+    p.add_argument("--seed", type=int, default=0, help="first synthetic book seed (held out: training seeds are >= 2**32); sampling seed")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="decoding budget (default: each reference's length in tokens)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.5, help="with --sample (the Infini-attention paper's 0.5)")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sample (the paper's 0.95)")
+    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--name", default=None, help="the results' name (default: the design; JSON at OUT/NAME.json)")
+    p.add_argument("--out", default="docs/results/booksum", help="folder for results JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: list[float], n_keys: int, out: str) -> None:
     p.add_argument("--lengths", nargs="+", default=lengths, help=f"prompt lengths, e.g. 4096 16K 1M (default {' '.join(lengths)})")
     p.add_argument("--max-length", default=None, help="drop lengths above this (e.g. 1M)")
@@ -223,6 +354,37 @@ def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: li
     p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--out", default=out, help="folder for results JSON and figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_run_commands(group, task: str) -> None:
+    """The task-independent sub-commands of a task group: train, derive, ship, card."""
+    p = group.add_parser("train", help="train a model from a recipe config (resumes from OUT/last)")
+    p.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/configs/{task}/infini.yaml")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
+    p.set_defaults(func=_cmd_train)
+
+    p = group.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
+    p.add_argument("--from", dest="source", required=True, help="checkpoint folder")
+    p.add_argument("--memory", required=True, help="registry name of the new design")
+    p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
+    p.set_defaults(func=_cmd_derive)
+
+    p = group.add_parser("ship", help="copy a finished training run into a checkpoint folder with its training record")
+    p.add_argument("--run", required=True, help=f"run folder of `memzoo {task} train`")
+    p.add_argument("--config", required=True, help="the recipe YAML it was trained with")
+    p.add_argument("--out", required=True, help=f"e.g. checkpoints/{task}-infini")
+    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
+    p.set_defaults(func=_cmd_ship)
+
+    p = group.add_parser("card", help="(re)write a checkpoint's model card from its training.json and results JSON")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--results", default=None, help=f"{task} results JSON of this checkpoint")
+    p.set_defaults(func=_cmd_card)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,33 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     passkey = sub.add_parser("passkey", help="passkey retrieval: train, evaluate, compare").add_subparsers(dest="action", required=True)
-    p = passkey.add_parser("train", help="train a model from a recipe config (resumes from OUT/last)")
-    p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/configs/passkey/infini.yaml")
-    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
-    p.add_argument("--steps", type=int, default=None, help="override train.steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
-    p.set_defaults(func=_cmd_passkey_train)
-
-    p = passkey.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
-    p.add_argument("--from", dest="source", required=True, help="checkpoint folder")
-    p.add_argument("--memory", required=True, help="registry name of the new design")
-    p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
-    p.add_argument("--out", required=True)
-    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
-    p.set_defaults(func=_cmd_passkey_derive)
-
-    p = passkey.add_parser("ship", help="copy a finished training run into a checkpoint folder with its training record")
-    p.add_argument("--run", required=True, help="run folder of `memzoo passkey train`")
-    p.add_argument("--config", required=True, help="the recipe YAML it was trained with")
-    p.add_argument("--out", required=True, help="e.g. checkpoints/passkey-infini")
-    p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
-    p.set_defaults(func=_cmd_passkey_ship)
-
-    p = passkey.add_parser("card", help="(re)write a checkpoint's model card from its training.json and results JSON")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--results", default=None, help="passkey results JSON of this checkpoint")
-    p.set_defaults(func=_cmd_passkey_card)
+    _add_run_commands(passkey, "passkey")
 
     p = passkey.add_parser("eval", help="accuracy grid of one checkpoint (JSON + heatmap)")
     p.add_argument("--checkpoint", required=True)
@@ -281,11 +417,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-grid", action="store_true", help="lengths 1K..1M x 5 depths x 5 keys (hours on a CPU)")
     _add_eval_options(p, ["1K", "4K"], [0.0, 0.5, 1.0], 2, "runs/passkey-compare")
     p.set_defaults(func=_cmd_passkey_compare)
+
+    booksum = sub.add_parser("booksum", help="book summarization: train, evaluate (ROUGE), compare")
+    booksum = booksum.add_subparsers(dest="action", required=True)
+    _add_run_commands(booksum, "booksum")
+
+    p = booksum.add_parser("eval", help="ROUGE of one memzoo checkpoint, or of a transformers LM with an eviction cache")
+    p.add_argument("--checkpoint", default=None, help="a memzoo checkpoint folder")
+    p.add_argument("--hf", default=None, help="a transformers causal LM (folder or hub id) instead, with --cache")
+    p.add_argument("--cache", default="full", help="--hf: memzoo.hf.EvictingCache policy (full, window, sinks, h2o, l2, namm)")
+    p.add_argument("--budget", type=int, default=1024, help="--hf: tokens kept by the cache")
+    p.add_argument("--evict-every", type=int, default=512, help="--hf: eviction period (also the prefill chunk)")
+    _add_booksum_options(p)
+    p.set_defaults(func=_cmd_booksum_eval)
+
+    p = booksum.add_parser("compare", help="ROUGE of several checkpoints on the same books (default: checkpoints/booksum-*)")
+    p.add_argument("--checkpoints", nargs="+", default=None)
+    _add_booksum_options(p)
+    p.set_defaults(func=_cmd_booksum_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args.func(args)
 
 

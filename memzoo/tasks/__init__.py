@@ -1,6 +1,7 @@
 """Tasks: passkey retrieval and book summarization (data, prompts, scoring)."""
 
 from .booksum import BookExample, BooksumUnavailableError, load_booksum, make_synthetic_book
+from .booksum_eval import SUMMARY_PROMPT, evaluate_booksum, evaluate_booksum_hf, make_booksum_training_batch, synthetic_books
 from .passkey import (
     ANSWER_TEMPLATE,
     FILLER,
@@ -21,14 +22,19 @@ __all__ = [
     "INTRO",
     "NEEDLE_TEMPLATE",
     "QUESTION",
+    "SUMMARY_PROMPT",
     "BookExample",
     "BooksumUnavailableError",
     "PasskeySample",
+    "evaluate_booksum",
+    "evaluate_booksum_hf",
     "load_booksum",
+    "make_booksum_training_batch",
     "make_eval_grid",
     "make_sample",
     "make_synthetic_book",
     "make_training_batch",
     "random_key",
     "score",
+    "synthetic_books",
 ]

@@ -75,8 +75,22 @@ def _passkey_batch_fn(task: dict, steps: int) -> BatchFn:
     return batch_fn
 
 
+def _booksum_batch_fn(task: dict, steps: int) -> BatchFn:
+    from ..tasks.booksum_eval import make_booksum_training_batch
+
+    tok = default_tokenizer()
+    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 2048), "batch_size": task.get("batch_size", 4)}]
+    options = {k: task[k] for k in ("n_events", "n_chapters", "prompt", "summary_weight", "other_weight") if k in task}
+
+    def batch_fn(step: int, generator) -> dict:
+        stage = _stage(curriculum, step, steps)
+        return make_booksum_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
+
+    return batch_fn
+
+
 #: task name -> (task section, total steps) -> batch_fn
-TASKS = {"passkey": _passkey_batch_fn}
+TASKS = {"passkey": _passkey_batch_fn, "booksum-synthetic": _booksum_batch_fn}
 
 
 def make_batch_fn(task: dict, steps: int) -> BatchFn:

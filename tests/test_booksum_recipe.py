@@ -1,0 +1,201 @@
+"""Book summarization recipe at tiny size: training batches, evaluation (memzoo and transformers), CLI end to end, offline."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pytest
+import torch
+
+import memzoo
+from memzoo.cli import main
+from memzoo.metrics import ROUGE_TYPES
+from memzoo.tasks.booksum_eval import (
+    SUMMARY_PROMPT,
+    TRAIN_SEED_RANGE,
+    encode_summary_example,
+    evaluate_booksum,
+    evaluate_booksum_hf,
+    make_booksum_training_batch,
+    synthetic_books,
+)
+from memzoo.training.recipe import load_recipe, make_batch_fn
+
+REPO = Path(__file__).resolve().parents[1]
+BOOKSUM_CONFIGS = sorted((REPO / "recipes" / "configs" / "booksum").glob("*.yaml"))
+FIXTURES = Path(__file__).parent / "fixtures" / "booksum"
+ROUGE_KEYS = {*ROUGE_TYPES, "overall"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No network anywhere in this file: the recipe must run offline end to end."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return memzoo.tokenizer()
+
+
+def test_training_batch_targets_the_summary(tok):
+    batch = make_booksum_training_batch(2, 700, tok, 0, n_events=2, summary_weight=1.0, other_weight=0.25)
+    ids, labels, weights = batch["input_ids"], batch["labels"], batch["loss_weights"]
+    assert ids.shape == labels.shape == weights.shape and ids.shape[0] == 2
+    for row in range(2):
+        valid = labels[row] != -100
+        m = int(valid.sum()) + 1  # the row's length: every position but the last has a label
+        assert torch.equal(labels[row, : m - 1], ids[row, 1:m])  # next-token aligned
+        target = labels[row][weights[row] == 1.0]
+        text = tok.decode(target)
+        assert text.startswith(" In chapter ") and text.endswith("</s>")
+        context = tok.decode(ids[row, : m - len(target)])
+        assert context.endswith(SUMMARY_PROMPT) and "Chapter 1\n" in context
+        assert set(weights[row, : m - 1].unique().tolist()) == {0.25, 1.0} and not weights[row, m - 1 :].any()
+    # deterministic from the generator: a resumed run sees the same books
+    again = make_booksum_training_batch(2, 700, tok, torch.Generator().manual_seed(0), n_events=2, other_weight=0.25)
+    assert torch.equal(again["input_ids"], ids)
+
+
+def test_evaluation_books_are_held_out(tok):
+    with pytest.raises(ValueError, match="training range"):
+        synthetic_books(1024, [TRAIN_SEED_RANGE[0]], tok, n_events=2)
+    assert [b.id for b in synthetic_books(1024, [0, 1], tok, n_events=2)] == ["synthetic-0-1024", "synthetic-1-1024"]
+
+
+@pytest.mark.parametrize("path", BOOKSUM_CONFIGS, ids=[p.stem for p in BOOKSUM_CONFIGS])
+def test_every_booksum_config_makes_batches(path):
+    recipe = load_recipe(path)
+    steps = recipe["train"]["steps"]
+    batch_fn = make_batch_fn(recipe["task"], steps)
+    for step in (0, steps - 1):  # first and last curriculum stage
+        batch = batch_fn(step, torch.Generator().manual_seed(step))
+        assert batch["input_ids"].shape[1] > recipe["task"]["curriculum"][0]["n_tokens"] // 2
+        assert batch["loss_weights"].max() == recipe["task"]["summary_weight"]
+
+
+@pytest.mark.parametrize("name", ["window", "infini"])
+def test_streamed_evaluation_equals_one_generate_call(tok, name):
+    """Streaming the book, then decoding from the state, is exactly generate() on book + prompt."""
+    torch.manual_seed(0)
+    overrides = dict(budget=64, evict_every=32) if name == "window" else dict(segment_len=64)
+    model = memzoo.build(name, d_model=32, n_layers=1, n_heads=2, **overrides).eval()
+    books = synthetic_books(600, [3], tok, n_events=2)
+    results = evaluate_booksum(model, books, max_new_tokens=12, segment_len=100, progress=False)
+    context, _ = encode_summary_example(books[0], tok)
+    alone = model.generate(context[None], max_new_tokens=12, segment_len=37, eos_token_id=tok.eos_token_id)
+    new = alone[0, len(context) :]
+    assert results["books"][0]["prediction"] == tok.decode(new[new != tok.eos_token_id], skip_special_tokens=True).strip()
+    assert set(results["rouge"]) == ROUGE_KEYS and results["books"][0]["state_bytes"] > 0
+
+
+def test_sampling_is_seeded(tok):
+    torch.manual_seed(0)
+    model = memzoo.build("window", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).eval()
+    books = synthetic_books(400, [1], tok, n_events=1)
+    runs = [evaluate_booksum(model, books, max_new_tokens=20, do_sample=True, seed=s, progress=False) for s in (5, 5, 6)]
+    assert runs[0]["books"][0]["prediction"] == runs[1]["books"][0]["prediction"] != runs[2]["books"][0]["prediction"]
+    assert runs[0]["decoding"] == {"do_sample": True, "temperature": 0.5, "top_p": 0.95, "max_new_tokens": 20, "seed": 5}
+
+
+def test_recipe_end_to_end_offline(tmp_path):
+    """train 2 steps -> ship -> derive namm -> eval one 2K-token book -> card -> compare, all through the CLI."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "name: tiny-booksum\nmodel: {memory: full, d_model: 32, n_layers: 1, n_heads: 2}\n"
+        "task: {name: booksum-synthetic, n_events: 2, summary_weight: 1.0, other_weight: 0.1,"
+        " curriculum: [{until: 1.0, n_tokens: 600, batch_size: 2}]}\n"
+        "train: {steps: 2, segment_len: 256, warmup_steps: 1, save_every: 0, log_every: 1}\n"
+    )
+    run, full, namm, res = tmp_path / "run", tmp_path / "booksum-full", tmp_path / "booksum-namm", tmp_path / "res"
+    assert main(["booksum", "train", "--config", str(config), "--out", str(run)]) == 0
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    assert main(["booksum", "ship", "--run", str(run), "--config", str(config), "--out", str(full)]) == 0
+    assert main(["booksum", "derive", "--from", str(full), "--memory", "namm", "--set", "budget=256", "evict_every=128",
+                 "--bf16", "--out", str(namm)]) == 0  # fmt: skip
+    eval_args = ["--lengths", "2048", "--n-books", "1", "--n-events", "2", "--max-new-tokens", "16", "--out", str(res), "--quiet"]
+    assert main(["booksum", "eval", "--checkpoint", str(full), *eval_args]) == 0
+    results = json.loads((res / "full.json").read_text())
+    assert results["complete"] and results["n_books"] == 1 and set(results["rouge"]) == ROUGE_KEYS
+    book = results["books"][0]
+    assert 1900 < book["n_tokens"] <= 2048 and ROUGE_KEYS <= set(book) and book["generated_tokens"] <= 16
+    assert results["data"] == {"source": "synthetic", "lengths": [2048], "seeds": [0], "n_events": 2}
+    assert results["checkpoint"] == str(full) and "booksum eval" in results["command"]
+
+    from memzoo.cards import write_card
+
+    card = write_card(full, res / "full.json").read_text()
+    training = json.loads((full / "training.json").read_text())
+    assert training["task"] == "booksum-synthetic" and "memzoo booksum train" in training["command"]
+    assert "tags: [memzoo, long-context, booksum, full]" in card and "2 steps" in card and "| **all** |" in card
+    assert "synthetic books of 2K tokens" in card and f"{results['rouge']['overall']:.2f}" in card
+    assert "No training of its own" in write_card(namm).read_text()
+
+    assert main(["booksum", "compare", "--checkpoints", str(full), str(namm), *eval_args]) == 0
+    compared = {p.stem: json.loads(p.read_text()) for p in res.glob("*.json")}
+    assert set(compared) == {"full", "namm"} and all(r["complete"] for r in compared.values())
+    # a 2K book under a 256-token NAMM budget: the state stays bounded
+    assert compared["namm"]["books"][0]["state_bytes"] < compared["full"]["books"][0]["state_bytes"]
+
+
+def test_eval_on_local_booksum_files(tmp_path):
+    """The BookSum path of the CLI: local files in the hub's schema, through load_booksum."""
+    torch.manual_seed(0)
+    memzoo.build("window", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).save_pretrained(tmp_path / "ck")
+    assert main(["booksum", "eval", "--checkpoint", str(tmp_path / "ck"), "--data", "booksum", "--path", str(FIXTURES / "chapter"),
+                 "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "res"), "--quiet"]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "res" / "window.json").read_text())
+    assert results["n_books"] == 2 and results["books"][0]["reference"] == "Mara lights the lighthouse lamp during a storm."
+    assert results["data"]["source"] == "booksum" and results["data"]["split"] == "test"
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_evaluate_booksum_hf_with_evicting_cache(tok, llama, tmp_path):
+    """A tiny random Llama reads a 2K-token book with a bounded EvictingCache (no download)."""
+    mh = pytest.importorskip("memzoo.hf", reason="memzoo.hf (EvictingCache) is not available")
+    books = synthetic_books(2048, [0], tok, n_events=2)
+    full = evaluate_booksum_hf(llama, tok, books, cache_factory=lambda: mh.EvictingCache("full"), max_new_tokens=10, progress=False)
+    default = evaluate_booksum_hf(llama, tok, books, max_new_tokens=10, progress=False)  # transformers' DynamicCache
+    assert full["books"][0]["prediction"] == default["books"][0]["prediction"]
+    for policy in ("window", "h2o"):  # h2o scores by attention: runs inside memzoo.hf.attention_probs
+        bounded = evaluate_booksum_hf(
+            llama, tok, books, cache_factory=lambda p=policy: mh.EvictingCache(p, 256, evict_every=128), max_new_tokens=10, progress=False
+        )
+        assert bounded["model"] == f"llama-{policy}" and set(bounded["rouge"]) == ROUGE_KEYS
+        assert bounded["books"][0]["cache_tokens"] < 256 + 128 and bounded["prefill_chunk_size"] == 128
+    # the same through the CLI, from a saved model folder
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    assert main(["booksum", "eval", "--hf", str(tmp_path / "llama"), "--cache", "window", "--budget", "256", "--evict-every", "128",
+                 "--lengths", "2048", "--n-books", "1", "--n-events", "2", "--max-new-tokens", "10",
+                 "--out", str(tmp_path / "res"), "--quiet"]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "res" / "hf-llama-window.json").read_text())
+    assert results["books"][0]["prediction"] == bounded_window_prediction(llama, tok, books, mh)
+
+
+def bounded_window_prediction(model, tok, books, mh) -> str:
+    cache = lambda: mh.EvictingCache("window", 256, evict_every=128)  # noqa: E731
+    return evaluate_booksum_hf(model, tok, books, cache_factory=cache, max_new_tokens=10, progress=False)["books"][0]["prediction"]

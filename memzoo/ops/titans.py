@@ -29,8 +29,9 @@ Two forms, held together by ``tests/test_titans.py``:
   ``dz_{l,i} a_{l-1,i}^T``), solves the two linear recurrences (momentum, decay) of the chunk in
   closed form with c x c coefficient matrices (the "scan" of eqs. 17-18, done as matmuls since a
   chunk is short), and reads every token of the chunk with its own weights without materialising
-  them (the dual form: ``W_t x = A_t W_0 x + B_t S_0 x + sum_i Gamma_ti (a_i . x) dz_i``). Only the
-  chunk boundaries are sequential; the reads of all chunks are one batched einsum.
+  them (the dual form: ``W_t x = A_t W_0 x + B_t S_0 x + sum_i Gamma_ti (a_i . x) dz_i``). Chunks
+  run in order (a chunk's gradients need the weights at its start); inside a chunk everything is
+  a few batched matmuls over (b, h).
 
 Both return the memory and momentum after the last **complete** chunk: the tokens of a trailing
 partial chunk are read but not committed (their gradients must be taken at that chunk's start, so
@@ -306,39 +307,29 @@ def titans_chunked(
         if stop_grad:
             k, v, eta, theta, alpha = (t.detach() for t in (k, v, eta, theta, alpha))
         coef = _chunk_coefficients(*(rearrange(t, "b h (g c) -> b h g c", c=c) for t in (eta, theta, alpha)))
-        kc, vc = (rearrange(t, "b h (g c) k -> g b h c k", c=c) for t in (k, v))
-
-        # Sequential part: the gradients of chunk j need the weights at its start.
-        starts_w, starts_s, errs, ins = [], [], [], []
-        for j in range(g):
-            wg = [w.detach() for w in W] if stop_grad else W
-            dz, a = memory_grads(wg, kc[j], vc[j], residual_norm=residual_norm)
-            starts_w.append(W)
-            starts_s.append(S)
-            errs.append(dz)
-            ins.append(a)
-            if j < complete:
-                A, B = coef["A"][:, :, j, -1, None, None], coef["B"][:, :, j, -1, None, None]
-                E = coef["E_end"][:, :, j, None, None]
-                G, Sc = coef["G"][:, :, j, -1], coef["S_coef"][:, :, j]  # [b, h, c]
-                W = [A * w + B * s + einsum(G[..., None] * e, x, "b h c o, b h c i -> b h o i") for w, s, e, x in zip(W, S, dz, a)]
-                S = [E * s + einsum(Sc[..., None] * e, x, "b h c o, b h c i -> b h o i") for s, e, x in zip(S, dz, a)]
+        # per-chunk views by unbind, never by indexing in the loop: the backward of x[j] allocates a
+        # zero tensor of x's full size for every j, which made the backward quadratic in the chunks
+        A, B, G = (coef[name].unbind(2) for name in ("A", "B", "G"))  # g x [b, h, c], g x [b, h, c, c]
+        E_end, S_coef = coef["E_end"].unbind(2), coef["S_coef"].unbind(2)  # g x [b, h], g x [b, h, c]
+        qc, kc, vc = (rearrange(t, "b h (g c) k -> g b h c k", c=c).unbind(0) for t in (q, k, v))
+        reads = []
+        for j in range(g):  # sequential over chunks: the gradients of chunk j need the weights at its start
+            dz, a = memory_grads([w.detach() for w in W] if stop_grad else W, kc[j], vc[j], residual_norm=residual_norm)
+            # every token reads with its own weights (dual form): W_t r = A_t W_0 r + B_t S_0 r + sum_i G_ti (a_i . r) dz_i
+            Aj, Bj = A[j][..., None], B[j][..., None]  # [b, h, c, 1]
+            r = qc[j]
+            for l in range(len(W)):
+                z = Aj * (r @ W[l].transpose(-1, -2)) + Bj * (r @ S[l].transpose(-1, -2)) + (G[j] * (r @ a[l].transpose(-1, -2))) @ dz[l]
+                r = F.silu(z) if l < len(W) - 1 else z
+            reads.append(qc[j] + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z)
+            if j < complete:  # commit the chunk: the memory and momentum after its last token
+                Ae, Be, Ee = Aj[:, :, -1, :, None], Bj[:, :, -1, :, None], E_end[j][..., None, None]  # [b, h, 1, 1]
+                Ge, Se = G[j][:, :, -1, :, None], S_coef[j][..., None]  # [b, h, c, 1]
+                W = [Ae * w + Be * s + einsum(Ge * e, x, "b h c o, b h c i -> b h o i") for w, s, e, x in zip(W, S, dz, a)]
+                S = [Ee * s + einsum(Se * e, x, "b h c o, b h c i -> b h o i") for s, e, x in zip(S, dz, a)]
                 if stop_grad:
                     W, S = [w.detach() for w in W], [s.detach() for s in S]
-
-        # Parallel part: every token reads with its own weights (dual form), all chunks at once.
-        r = rearrange(q, "b h (g c) k -> b h g c k", c=c)
-        A, B, G = coef["A"][..., None], coef["B"][..., None], coef["G"]
-        for l in range(len(W)):
-            w0 = torch.stack([sw[l] for sw in starts_w], dim=2)  # [b, h, g, o, i]
-            s0 = torch.stack([ss[l] for ss in starts_s], dim=2)
-            a = torch.stack([x[l] for x in ins], dim=2)  # [b, h, g, c, i]
-            dz = torch.stack([e[l] for e in errs], dim=2)  # [b, h, g, c, o]
-            z = A * (r @ w0.transpose(-1, -2)) + B * (r @ s0.transpose(-1, -2)) + (G * (r @ a.transpose(-1, -2))) @ dz
-            r = F.silu(z) if l < len(W) - 1 else z
-        qg = rearrange(q, "b h (g c) k -> b h g c k", c=c)
-        out = qg + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z
-        out = rearrange(out, "b h g c v -> b h (g c) v")[:, :, :n]
+        out = rearrange(torch.stack(reads), "g b h c v -> b h (g c) v")[:, :, :n]
     committed_w = tuple(W) if complete else tuple(weights)
     committed_s = tuple(S) if complete else tuple(momentum)
     return out, committed_w, committed_s

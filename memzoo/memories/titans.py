@@ -69,7 +69,7 @@ from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..model import RMSNorm
 from ..ops.attention import attend, causal_mask
 from ..ops.rope import apply_rope
-from ..ops.titans import memory_read, mlp_shapes, titans_chunked
+from ..ops.titans import at_least_fp32, memory_read, mlp_shapes, titans_chunked
 from ..registry import register
 
 __all__ = [
@@ -401,15 +401,18 @@ class NeuralMemory(nn.Module):
     def queries(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """l2-normalised queries only (MAC's retrieval from x): [b, h, n, k], next conv context [b, kernel - 1, d]."""
         y, context = self._project(x, context, slice(0, self.d_model))
-        return F.normalize(rearrange(y, "b n (h k) -> b h n k", h=self.n_heads), dim=-1), context
+        return F.normalize(at_least_fp32(rearrange(y, "b n (h k) -> b h n k", h=self.n_heads)), dim=-1), context
 
     def _gates(self, x: Tensor) -> Tensor:
         """``[b, h, n, 3]``: eta, theta, alpha of each token (fp32: eta near 1 needs the mantissa)."""
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
-            eta = torch.sigmoid(F.linear(xf, self.eta.weight.float(), self.eta.bias.float()))
-            theta = self.config.max_lr * torch.sigmoid(F.linear(xf, self.theta.weight.float(), self.theta.bias.float()))
-            alpha = torch.sigmoid(F.linear(xf, self.alpha.weight.float(), self.alpha.bias.float()))
+            xf = at_least_fp32(x)
+
+            def logits(lin: nn.Linear) -> Tensor:  # [b, n, h]
+                return F.linear(xf, lin.weight.to(xf.dtype), lin.bias.to(xf.dtype))
+
+            eta, theta, alpha = torch.sigmoid(logits(self.eta)), torch.sigmoid(logits(self.theta)), torch.sigmoid(logits(self.alpha))
+            theta = self.config.max_lr * theta
         return rearrange(torch.stack([eta, theta, alpha], dim=-1), "b n h three -> b h n three")
 
     def current(self, state: NeuralMemoryState) -> tuple[tuple, tuple]:
@@ -432,7 +435,7 @@ class NeuralMemory(nn.Module):
         """
         y, conv = self._project(x, state.conv, slice(None))
         q, k, v = rearrange(y, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(k), dim=-1), at_least_fp32(v)  # memory maths in fp32
         gates = self._gates(x)
         f, c = state.fill, self.config.chunk_size
         if f:  # the unfinished chunk again: its gradients are taken at its start, with these tokens'
@@ -649,7 +652,7 @@ class TitansMAC(_WithPersistent):
         # h_j = M*(q_j), read from the segment-start memory without writing (eq. 21)
         qh, query_conv = self.memory.queries(x, state.query_conv)
         with torch.autocast(x.device.type, enabled=False):
-            h = memory_read(tuple(w.float() for w in seg_weights), qh.float(), residual_norm=self.memory.residual_norm)
+            h = memory_read(tuple(map(at_least_fp32, seg_weights)), qh, residual_norm=self.memory.residual_norm)
         h = rearrange(h, "b h m v -> b m (h v)").to(x.dtype)
         # attention over [persistent | h | segment] (eqs. 22-23), causal in both h and the segment
         q = self.attn.queries(x)

@@ -57,6 +57,7 @@ from torch import Tensor
 
 __all__ = [
     "LN_EPS",
+    "at_least_fp32",
     "mlp_shapes",
     "memory_read",
     "memory_grads",
@@ -87,7 +88,7 @@ def mlp_shapes(depth: int, dim: int, expansion: int = 4) -> list[tuple[int, int]
     return [(widths[l + 1], widths[l]) for l in range(depth)]
 
 
-def _at_least_fp32(t: Tensor) -> Tensor:
+def at_least_fp32(t: Tensor) -> Tensor:
     """fp32, or fp64 if the input is fp64 (gradcheck): memory maths never runs below fp32."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -190,7 +191,7 @@ def titans_naive(
     with torch.autocast(q.device.type, enabled=False):
 
         def flat(t: Tensor) -> Tensor:
-            return _at_least_fp32(t).reshape(b * h, *t.shape[2:])
+            return at_least_fp32(t).reshape(b * h, *t.shape[2:])
 
         W, S = [flat(w) for w in weights], [flat(s) for s in momentum]
         q, k, v, eta, theta, alpha = map(flat, (q, k, v, eta, theta, alpha))
@@ -298,8 +299,8 @@ def titans_chunked(
     complete = n // c
     pad = g * c - n
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, eta, theta, alpha = map(_at_least_fp32, (q, k, v, eta, theta, alpha))
-        W, S = [_at_least_fp32(w) for w in weights], [_at_least_fp32(s) for s in momentum]
+        q, k, v, eta, theta, alpha = map(at_least_fp32, (q, k, v, eta, theta, alpha))
+        W, S = [at_least_fp32(w) for w in weights], [at_least_fp32(s) for s in momentum]
         if pad:  # neutral padding (eta 1, theta 0, alpha 0): never read back, never committed
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             eta = F.pad(eta, (0, pad), value=1.0)

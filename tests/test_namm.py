@@ -143,6 +143,9 @@ def test_bam_mask_is_backward():
     a, b = scorer(x, valid), scorer(y, valid)
     torch.testing.assert_close(a[:, 7:], b[:, 7:], atol=0, rtol=0)
     assert not torch.allclose(a[:, :7], b[:, :7])
+    # holes take the explicit-mask path: a hole is seen by no one, so appending one changes no score
+    with_hole = scorer(torch.cat([x, torch.randn(1, 1, 25)], 1), torch.cat([valid, torch.zeros(1, 1, dtype=torch.bool)], 1))
+    torch.testing.assert_close(with_hole[:, :12], a, atol=1e-6, rtol=1e-5)
 
 
 def test_parameter_vector_interface(tmp_path):

@@ -6,7 +6,8 @@ with the largest accumulated attention. The sum is a per-slot policy tensor, so 
 token when the cache is compacted.
 
 Reference: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
-Language Models" (arXiv 2306.14048), Sec. 3.2 and Alg. 1 (half the budget heavy hitters, half recent).
+Language Models" (arXiv 2306.14048): the heavy-hitter eviction algorithm, with the budget split
+evenly between heavy hitters and recent tokens.
 """
 
 from __future__ import annotations

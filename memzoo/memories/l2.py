@@ -5,7 +5,7 @@ probabilities (it works with flash attention). RoPE rotates pairs of dimensions 
 so rotated (hf cache) and un-rotated (memzoo cache) keys give the same scores.
 
 Reference: Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"
-(arXiv 2406.11430), Sec. 4 (keep the keys with the lowest L2 norm).
+(arXiv 2406.11430): keep the keys with the lowest L2 norm.
 """
 
 from __future__ import annotations

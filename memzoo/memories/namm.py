@@ -19,8 +19,10 @@ Split invariance: the attention columns are recorded query by query in ``observe
 buffer, [b, h, C, w], bounded), and the spectrogram/EMA step runs only at eviction boundaries of
 the stream, so one call, random cuts and token-by-token decoding give the same features.
 
-Reference: Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166), Sec. 3
-(features, BAM scorer, eq. 4-6) and Sec. 4 (CMA-ES).
+Legend (see ``memzoo.interface``) plus: f features or frequencies, e BAM head width (32).
+
+Reference: Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166): the
+attention-spectrogram features, the BAM scorer with its backward mask, CMA-ES training.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class BAMScorer(nn.Module):
     ``(res, mult) = o W_out``; ``x <- x * (1 + mult) + res``; ``score = x w + c``.
     Parameters (4172) start at zero and are evolved, never trained by gradient.
 
-    Reference: arXiv 2410.13166, Sec. 3.2 (BAM) and eq. 6.
+    Reference: arXiv 2410.13166 (backward attention memory models).
     """
 
     def __init__(self):
@@ -106,11 +108,16 @@ class BAMScorer(nn.Module):
         """
         x = x.float()
         q, k, v = rearrange(self._linear(x, "qkv"), "b t (three e) -> three b 1 t e", three=3)
-        t = x.shape[1]
-        idx = torch.arange(t, device=x.device)
-        # backward mask: i sees j >= i among valid tokens (and always itself, so no row is empty)
-        sees = (idx[None, :] >= idx[:, None]) & (valid[:, None, :] | torch.eye(t, dtype=torch.bool, device=x.device))  # [b, t, t]
-        o = attend(q, k, v, causal=False, mask=sees[:, None])[:, 0]  # [b, t, e]
+        if bool(valid.all()):
+            # backward mask = causal attention over the reversed tokens: SDPA's fast path, no [t, t] mask
+            o = attend(q.flip(2), k.flip(2), v.flip(2), causal=True).flip(2)[:, 0]  # [b, t, e]
+        else:
+            t = x.shape[1]
+            idx = torch.arange(t, device=x.device)
+            # i sees the valid j >= i (and always itself, so that no row is empty)
+            eye = torch.eye(t, dtype=torch.bool, device=x.device)
+            sees = (idx[None, :] >= idx[:, None]) & (valid[:, None, :] | eye)  # [b, t, t]
+            o = attend(q, k, v, causal=False, mask=sees[:, None])[:, 0]  # [b, t, e]
         res, mult = self._linear(o, "out").chunk(2, dim=-1)
         x = x * (1 + mult) + res
         return self._linear(x, "head")[..., 0]

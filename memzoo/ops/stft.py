@@ -18,8 +18,8 @@ them together.
 Legend (see ``memzoo.interface``) plus: f frequencies (``N_FREQ`` = 17), r frames, w buffered
 signal columns (queries).
 
-Reference: Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166), Sec. 3.1
-(attention spectrogram, EMA reduction, online normalisation, positional features).
+Reference: Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166): attention
+spectrogram, EMA reduction, online normalisation, positional features.
 """
 
 from __future__ import annotations

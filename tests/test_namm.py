@@ -173,3 +173,17 @@ def test_parameter_vector_interface(tmp_path):
         scorers[1].head_bias.add_(1.0)
     with pytest.raises(ValueError, match="differ"):
         namm_parameters(model)
+
+
+def test_bench_recipe_smoke():
+    """recipes/bench_namm.py at a tiny size: one result per policy, with NAMM's time split by method."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_namm", Path(__file__).parents[1] / "recipes" / "bench_namm.py")
+    bench_namm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_namm)
+    args = argparse.Namespace(d_model=32, n_layers=1, n_heads=2, budget=32, evict_every=16, segment_len=32, repeats=1, decode=2)
+    result = bench_namm.bench("namm-evolved", args, ids(128))
+    assert result["tokens_per_s"] > 0 and set(result["policy_seconds"]) == {"observe", "before_eviction", "score"}

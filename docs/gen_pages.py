@@ -175,7 +175,14 @@ def config_snippets(memzoo) -> None:
                 "    when the design is registered. Until then the page describes the design from DESIGN.md."
             )
         else:
-            cfg = memory_config(name)
+            try:
+                cfg = memory_config(name)
+            except Exception as e:  # a builder being written by someone else
+                error = md_escape(f"{type(e).__name__}: {e}")
+                text = f'!!! failure "Config unavailable"\n    `memzoo.memory_config({name!r})` raised `{error}`.'
+                write(GEN / f"config-{name}.md", text)
+                all_parts.append(f"### `{name}`\n\n{text}")
+                continue
             docs = field_docs(type(cfg))
             rows = []
             for f in dataclasses.fields(cfg):
@@ -263,26 +270,36 @@ def measure_state_bytes(memzoo) -> dict:
 
     out = {}
     for name in memzoo.available():
-        torch.manual_seed(0)
-        model = memzoo.build(name).eval()
-        state, pos, sizes = model.init_state(1), 0, []
-        start = time.perf_counter()
-        with torch.no_grad():
-            for n in STATE_LENGTHS:
-                ids = torch.randint(3, model.config.vocab_size, (1, n - pos), generator=torch.Generator().manual_seed(n))
-                state = model.stream(ids, STATE_SEGMENT, state=state).state
-                pos = n
-                sizes.append(state.nbytes())
-        cfg = memory_config(name)
-        out[name] = {
-            "lengths": list(STATE_LENGTHS),
-            "bytes": sizes,
-            "layers": model.config.n_layers,
-            "backbone": {k: getattr(model.config, k) for k in ("d_model", "n_layers", "n_heads")},
-            "formula": state_formula(name, cfg, model.config),
-            "seconds": time.perf_counter() - start,
-        }
+        try:
+            out[name] = _measure_one(memzoo, name, torch, memory_config)
+        except Exception as e:  # a design being written by someone else must not break the docs
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+def _measure_one(memzoo, name: str, torch, memory_config) -> dict:
+    torch.manual_seed(0)
+    model = memzoo.build(name).eval()
+    state, pos, sizes = model.init_state(1), 0, []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for n in STATE_LENGTHS:
+            ids = torch.randint(3, model.config.vocab_size, (1, n - pos), generator=torch.Generator().manual_seed(n))
+            state = model.stream(ids, STATE_SEGMENT, state=state).state
+            pos = n
+            sizes.append(state.nbytes())
+    try:
+        formula = state_formula(name, memory_config(name), model.config)
+    except Exception as e:  # a config that lost a field the formula reads
+        formula = (f"(formula failed: {type(e).__name__}: {e})", None)
+    return {
+        "lengths": list(STATE_LENGTHS),
+        "bytes": sizes,
+        "layers": model.config.n_layers,
+        "backbone": {k: getattr(model.config, k) for k in ("d_model", "n_layers", "n_heads")},
+        "formula": formula,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def state_snippets(memzoo, measured: dict) -> list[str]:
@@ -290,7 +307,7 @@ def state_snippets(memzoo, measured: dict) -> list[str]:
     from memzoo.plots import format_length
 
     warnings = []
-    first = next(iter(measured.values()), None)
+    first = next((m for m in measured.values() if "error" not in m), None)
     bb = first["backbone"] if first else {}
     where = (
         f"`memzoo.build(name)` at the backbone defaults (d_model {bb.get('d_model')}, n_layers {bb.get('n_layers')}, "
@@ -308,6 +325,14 @@ def state_snippets(memzoo, measured: dict) -> list[str]:
             all_rows.append([f"`{name}`", *["not measured yet"] * len(STATE_LENGTHS), "—"])
             continue
         m = measured[name]
+        if "error" in m:
+            warnings.append(f"state of {name!r} could not be measured: {m['error']}")
+            write(
+                GEN / f"state-{name}.md",
+                f'!!! failure "Could not be measured"\n    `docs/gen_pages.py` failed on `{name}`: `{md_escape(m["error"])}`',
+            )
+            all_rows.append([f"`{name}`", *["measurement failed"] * len(STATE_LENGTHS), "—"])
+            continue
         formula, per_layer = m["formula"]
         if per_layer is None:
             expected, check = "grows with n", "—"
@@ -333,8 +358,8 @@ def state_snippets(memzoo, measured: dict) -> list[str]:
         + "\n\nThe formula check compares the bytes the design's page predicts with the measurement (— where the state grows).\n\n"
         + GENERATED_BY.format(what=where),
     )
-    if measured:
-        state_figure(measured)
+    if first is not None:
+        state_figure({k: v for k, v in measured.items() if "error" not in v})
     return warnings
 
 
@@ -615,7 +640,7 @@ def comparison_snippet(measured: dict) -> None:
         booksum_section(),
         "## State size against context length (measured)\n\n"
         "Every design at one standard size; only `full` grows. See each design's page for its formula.\n\n"
-        + ("![state bytes against tokens streamed](generated/figures/state_bytes.png)\n\n" if measured else "")
+        + ("![state bytes against tokens streamed](generated/figures/state_bytes.png)\n\n" if (FIG / "state_bytes.png").is_file() else "")
         + '--8<-- "generated/state_bytes.md"',
         other_results_section(),
     ]
@@ -768,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     write(GEN / "designs.md", designs_snippet(memzoo))
     for w in warnings:
         print(f"gen_pages: warning: {w}", file=sys.stderr)
-    slowest = max(measured.items(), key=lambda kv: kv[1]["seconds"]) if measured else None
+    timed = {k: v for k, v in measured.items() if "seconds" in v}
+    slowest = max(timed.items(), key=lambda kv: kv[1]["seconds"]) if timed else None
     print(
         f"gen_pages: wrote {sum(1 for _ in GEN.rglob('*') if _.is_file())} files under docs/generated and "
         f"{sum(1 for _ in API.glob('*.md'))} API pages in {time.perf_counter() - start:.1f} s"

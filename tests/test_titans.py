@@ -284,18 +284,18 @@ def test_gradients_reach_gates_and_keys_through_the_inner_loop(x, stop):
         assert all(w.grad.abs().sum() > 0 for w in mem.init_weights)
 
 
-@pytest.mark.parametrize(
-    "cls, config", [(TitansLMM, TitansConfig), (TitansMAC, TitansMACConfig), (TitansMAG, TitansMAGConfig), (TitansMAL, TitansMALConfig)]
-)
+PLACEMENTS = [(TitansLMM, TitansConfig), (TitansMAC, TitansMACConfig), (TitansMAG, TitansMAGConfig), (TitansMAL, TitansMALConfig)]
+KNOBS = {
+    TitansConfig: {},
+    TitansMACConfig: {"segment_len": 8, "n_persistent": 2},
+    TitansMAGConfig: {"window": 6, "n_persistent": 2},
+    TitansMALConfig: {"window": 6, "n_persistent": 2},
+}
+
+
+@pytest.mark.parametrize("cls, config", PLACEMENTS)
 def test_nbytes_flat_over_200_segments(cls, config):
-    knobs = (
-        {"segment_len": 8, "n_persistent": 2}
-        if config is TitansMACConfig
-        else {"window": 6, "n_persistent": 2}
-        if config is not TitansConfig
-        else {}
-    )
-    mod = cls(D, H, config(**SMALL, **knobs))
+    mod = cls(D, H, config(**SMALL, **KNOBS[config]))
     state = mod.init_state(1)
     sizes = set()
     with torch.no_grad():
@@ -303,6 +303,21 @@ def test_nbytes_flat_over_200_segments(cls, config):
             _, state = mod(torch.randn(1, 1 + i % 7, D), state)
             sizes.add(state.nbytes())
     assert len(sizes) == 1
+
+
+@pytest.mark.parametrize("cls, config", PLACEMENTS)
+def test_split_invariance_is_exact_in_fp64(cls, config):
+    """fp32 cuts differ only by rounding that the memory's dynamics amplify: in fp64 they agree."""
+    torch.manual_seed(0)
+    mod = cls(D, H, config(**SMALL, **KNOBS[config])).double()
+    x = torch.randn(2, 150, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = mod(x, mod.init_state(2, dtype=torch.float64))[0]
+        state, outs = mod.init_state(2, dtype=torch.float64), []
+        for lo, hi in [(0, 7), (7, 8), (8, 61), (61, 99), (99, 150)]:
+            out, state = mod(x[:, lo:hi], state)
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, atol=1e-12, rtol=0)
 
 
 def test_memory_maths_stays_fp32_under_autocast(x):

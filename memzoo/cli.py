@@ -81,9 +81,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config)
     overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
     out = args.out or f"runs/{recipe['name']}"
-    summary = train_recipe(recipe, out, resume=not args.no_resume, **overrides)
-    print(json.dumps(summary, indent=1))
+    distributed = _init_distributed()
+    try:
+        summary = train_recipe(recipe, out, resume=not args.no_resume, progress=_rank() == 0, **overrides)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if _rank() == 0:
+        print(json.dumps(summary, indent=1))
     return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo for CPU tensors, nccl for CUDA ones."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:

@@ -122,14 +122,18 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     start = time.perf_counter()
     history = trainer.fit(resume=resume, progress=progress)
     wall = time.perf_counter() - start
-    model.save_pretrained(out_dir / "model")
+    if trainer.rank == 0:
+        model.save_pretrained(out_dir / "model")
+    log = out_dir / "log.jsonl"
+    last_logged = json.loads(log.read_text().splitlines()[-1]) if log.is_file() and log.read_text().strip() else {}
     summary = {
         "recipe": recipe["name"],
         "memory": recipe["model"]["memory"],
         "steps": trainer.step,
         "train_seconds": round(trainer.train_seconds, 1),
         "wall_s_this_call": round(wall, 1),
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else last_logged.get("loss"),
+        "world_size": trainer.world,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(train_cfg),
     }

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["passkey_heatmap", "passkey_comparison", "format_length"]
+__all__ = ["passkey_heatmap", "passkey_comparison", "format_length", "save_figure"]
 
 
 def format_length(n: int) -> str:
@@ -20,6 +20,16 @@ def format_length(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024}K"
     return str(n)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating folders) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _grid(results: dict) -> tuple[list[int], list[float], list[list[float]]]:
@@ -44,12 +54,7 @@ def passkey_heatmap(results: dict, path: str | Path, title: str | None = None) -
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title(title or f"passkey accuracy: {results['design']} ({results['n_keys']} keys/cell)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def passkey_comparison(all_results: Sequence[dict], path: str | Path) -> Path:
@@ -67,9 +72,4 @@ def passkey_comparison(all_results: Sequence[dict], path: str | Path) -> Path:
     ax.set_ylabel("passkey accuracy (mean over depths)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -106,7 +106,18 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
         "## Training",
         "",
     ]
-    if training.get("derived_from"):
+    if training.get("evolved"):  # a NAMM whose scorer was evolved (memzoo namm evolve) on a trained backbone
+        ev = training["evolved"]
+        lines += [
+            f"The weights of `{training['derived_from']}` with the `{name}` cache policy; its scorer was evolved by CMA-ES "
+            f"(population {ev['popsize']}, sigma0 {ev['sigma0']}) for {ev['generations']} generations "
+            f"({ev['wall_s'] / 60:.1f} min, tasks {', '.join(ev['tasks'])}, "
+            f"best fitness {ev['best_fitness']:.4f} = score / full-cache score)"
+            + ("" if ev.get("complete", True) else ", **best so far of an unfinished run**") + f". Scorer alone: `{ev['scorer']}`.",
+            "",
+            f"Command: `{training['command']}`",
+        ]
+    elif training.get("derived_from"):
         lines += [
             f"No training of its own: the weights of `{training['derived_from']}` with the `{name}` cache policy, so that "
             "KV designs differ only in what they keep.",

@@ -7,6 +7,7 @@
     memzoo passkey eval --checkpoint checkpoints/passkey-infini --max-length 1M
     memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
     memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
+    memzoo namm evolve --config recipes/configs/evolve/namm.yaml   # CMA-ES for the NAMM scorer, then ship it
 
 Each sub-command is a small function below; long jobs live in ``recipes/`` and in the
 ``memzoo.tasks`` / ``memzoo.training`` packages, which the sub-commands call.
@@ -353,6 +354,54 @@ def _cmd_booksum_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- namm
+
+
+def _cmd_namm_evolve(args: argparse.Namespace) -> int:
+    """Evolve a NAMM scorer (CMA-ES) for a trained backbone, under torchrun too; rank 0 ships it."""
+    from memzoo.training.evolution import evolve_namm, load_evolve_config
+
+    config = load_evolve_config(args.config)
+    overrides = {k: v for k, v in (("generations", args.generations), ("max_minutes", args.max_minutes)) if v is not None}
+    distributed = _init_distributed()
+    try:
+        summary = evolve_namm(config, out=args.out, resume=not args.no_resume, progress=_rank() == 0 and not args.quiet,
+                              command=_command_line(args), **overrides)  # fmt: skip
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if _rank() == 0:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_namm_export(args: argparse.Namespace) -> int:
+    from memzoo.training.evolution import export_namm, load_evolve_config
+
+    scorer, checkpoint = export_namm(load_evolve_config(args.config), args.run)
+    print(f"wrote {scorer} and {checkpoint}")
+    return 0
+
+
+def _cmd_namm_compare(args: argparse.Namespace) -> int:
+    from memzoo.tasks.passkey_eval import save_results
+    from memzoo.training.evolution import compare_policies, load_evolve_config
+
+    config = load_evolve_config(args.config)
+    results = compare_policies(config, args.checkpoint, args.designs, n_prompts=args.n_prompts, tasks=args.tasks)
+    results["command"] = _command_line(args)
+    path = save_results(results, Path(args.out) / "compare.json")
+    print("| design | " + " | ".join(f"{t} score | {t} / full | {t} acc" for t in args.tasks) + " |")
+    print("|---" * (1 + 3 * len(args.tasks)) + "|")
+    for d, row in results["designs"].items():
+        cells = [f"{row[t]['score']:.4f} | {row[t]['ratio_to_full']:.3f} | {row[t]['accuracy']:.2f}" for t in args.tasks]
+        print(f"| {d} | " + " | ".join(cells) + " |")
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_booksum_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=["synthetic", "booksum"], default="synthetic", help="held-out synthetic books, or BookSum")
     p.add_argument("--lengths", nargs="+", default=["64K"], help="synthetic book lengths in tokens, e.g. 4096 64K (default 64K)")
@@ -463,6 +512,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", default=None)
     _add_booksum_options(p)
     p.set_defaults(func=_cmd_booksum_compare)
+
+    namm = sub.add_parser("namm", help="evolve a NAMM scorer (CMA-ES), ship it, compare it with other eviction policies")
+    namm = namm.add_subparsers(dest="action", required=True)
+    p = namm.add_parser("evolve", help="CMA-ES over the NAMM scorer of a trained backbone (resumes; torchrun splits the population)")
+    p.add_argument("--config", required=True, help="e.g. recipes/configs/evolve/namm.yaml")
+    p.add_argument("--out", default=None, help="run folder (default: the config's out)")
+    p.add_argument("--generations", type=int, default=None, help="override evolution.generations (total, resumed ones included)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this wall time")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_namm_evolve)
+
+    p = namm.add_parser("export", help="ship a run's best scorer so far (the config's scorer_out and checkpoint_out)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run", default=None, help="run folder (default: the config's out)")
+    p.set_defaults(func=_cmd_namm_export)
+
+    p = namm.add_parser("compare", help="answer score of the evolved NAMM vs other policies at equal cache size (held-out prompts)")
+    p.add_argument("--config", required=True, help="the evolution config (budget, rhythm, prompt length)")
+    p.add_argument("--checkpoint", default="checkpoints/passkey-namm", help="the namm checkpoint (backbone + evolved scorer)")
+    p.add_argument("--designs", nargs="+", default=["namm", "h2o", "l2", "window"])
+    p.add_argument("--tasks", nargs="+", default=["passkey", "book"])
+    p.add_argument("--n-prompts", type=int, default=16, help="held-out prompts per task")
+    p.add_argument("--out", default="docs/results/namm")
+    p.set_defaults(func=_cmd_namm_compare)
     return parser
 
 

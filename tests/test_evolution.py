@@ -1,0 +1,163 @@
+"""CMA-ES for the NAMM scorer: improvement, exact resume, ranks = one process, no pickle, the shipped config."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import memzoo
+from memzoo.memories.namm import load_namm_parameters, namm_parameter_count
+from memzoo.tasks.retrieval import make_task, score_answers
+from memzoo.training.evolution import Evolution, EvolutionConfig, evolve_namm, load_evolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = np.linspace(-1.0, 1.0, 40)
+
+
+def sphere(x, tasks):
+    """A toy fitness to maximise (best 0 at TARGET); the second task shifts it, as a curriculum would."""
+    return -float(np.sum((x - TARGET) ** 2)) - 0.1 * (len(tasks) - 1), {"tasks": len(tasks)}
+
+
+def toy_config(**kw) -> EvolutionConfig:
+    curriculum = [{"task": "a", "from_generation": 0}, {"task": "b", "from_generation": 3}]
+    return EvolutionConfig(**({"popsize": 8, "sigma0": 0.3, "generations": 6, "curriculum": curriculum} | kw))
+
+
+def test_generations_keep_or_improve_the_best(tmp_path):
+    evo = Evolution(sphere, np.zeros(40), toy_config(generations=12), tmp_path)
+    first = sphere(np.zeros(40), ["a"])[0]
+    records = []
+    for _ in range(12):
+        records.append(evo.step())
+    for r0, r1 in zip(records, records[1:]):
+        if r0["tasks"] == r1["tasks"]:  # a new task changes the fitness; within a task set the best never drops
+            assert r1["best_fitness"] >= r0["best_fitness"]
+    assert records[-1]["best_fitness"] > first
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in lines] == list(range(1, 13)) and lines[-1]["tasks"] == ["a", "b"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stopped after 4 generations and rebuilt from its files, the run asks and tells exactly as one that never stopped."""
+    straight = Evolution(sphere, np.zeros(40), toy_config(), tmp_path / "a")
+    straight.run(progress=False)
+    Evolution(sphere, np.zeros(40), toy_config(generations=4), tmp_path / "b").run(progress=False)
+    resumed = Evolution(sphere, np.zeros(40), toy_config(), tmp_path / "b")
+    assert resumed.generation == 4
+    resumed.run(progress=False)
+    np.testing.assert_array_equal(resumed.mean, straight.mean)  # bit for bit (diagonal CMA-ES)
+    assert resumed.es.sigma == straight.es.sigma and resumed.best_fitness == straight.best_fitness
+    np.testing.assert_array_equal(resumed.best_x, straight.best_x)
+    a, b = ((tmp_path / d / "log.jsonl").read_text().splitlines() for d in "ab")
+    assert [json.loads(x)["best_fitness"] for x in a] == [json.loads(x)["best_fitness"] for x in b]
+
+
+def test_state_files_hold_no_pickle(tmp_path, monkeypatch):
+    Evolution(sphere, np.zeros(40), toy_config(generations=2), tmp_path).run(progress=False)
+    state = tmp_path / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["best_x.json", "cma.safetensors", "state.json"]
+    for name in ("state.json", "best_x.json"):
+        json.loads((state / name).read_text())
+    from safetensors.numpy import load_file
+
+    assert "es.mean" in load_file(str(state / "cma.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resuming must not unpickle anything")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert Evolution(sphere, np.zeros(40), toy_config(generations=3), tmp_path).generation == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        evo = Evolution(sphere, np.zeros(40), toy_config(generations=4), Path(out) / "run")
+        evo.run(progress=False)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"mean": evo.mean.tolist(), "best": evo.best_fitness}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    """Each rank evaluates every other candidate; the gathered fitnesses give the one-process run exactly."""
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = Evolution(sphere, np.zeros(40), toy_config(generations=4), tmp_path / "single")
+    single.run(progress=False)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    np.testing.assert_array_equal(np.array(ranks[0]["mean"]), single.mean)
+    assert ranks[0]["best"] == single.best_fitness
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["world"] == 2
+
+
+def test_retrieval_tasks_score_the_answer():
+    tok = memzoo.tokenizer()
+    for name in ("passkey", "book"):
+        task = make_task(name, 3, 400, seed=5)
+        assert task.prompts.shape == (3, 400) and task.answer_mask.any(1).all()
+        text = tok.decode(task.prompts[0].tolist())
+        assert (text.endswith("The pass key is ") and task.texts[0] in text) if name == "passkey" else text.endswith("Answer: the")
+    torch.manual_seed(0)
+    model = memzoo.build("full", d_model=32, n_layers=1, n_heads=2)
+    r = score_answers(model, make_task("passkey", 2, 300, seed=0), segment_len=64)
+    assert 0 < r["score"] <= r["prob"] <= 1 and r["accuracy"] in (0.0, 0.5, 1.0)  # geometric mean <= arithmetic mean
+
+
+def test_shipped_evolve_configs_load():
+    configs = sorted((REPO / "recipes" / "configs" / "evolve").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_evolve_config(path)
+        evo = EvolutionConfig(**config["evolution"])
+        assert evo.popsize == 32 and evo.sigma0 == 0.065  # the paper's numbers
+        assert {"budget", "evict_every"} <= set(config["memory"]) and config["tasks"]["n_tokens"] > sum(config["memory"].values())
+
+
+def test_evolve_namm_end_to_end_tiny(tmp_path):
+    """A tiny backbone: evolve two generations, ship the scorer and a namm checkpoint with its card."""
+    from memzoo.cards import write_card
+
+    torch.manual_seed(0)
+    memzoo.build("full", d_model=32, n_layers=1, n_heads=2).save_pretrained(tmp_path / "backbone")
+    config = {
+        "name": "tiny",
+        "backbone": [str(tmp_path / "missing"), str(tmp_path / "backbone")],
+        "memory": {"budget": 64, "evict_every": 32},
+        "tasks": {"n_prompts": 2, "n_tokens": 300, "seed": 0, "segment_len": 64},
+        "evolution": {"popsize": 4, "sigma0": 0.065, "generations": 2,
+                      "curriculum": [{"task": "passkey", "from_generation": 0}, {"task": "book", "from_generation": 1}]},
+        "out": str(tmp_path / "run"),
+        "scorer_out": str(tmp_path / "scorer"),
+        "checkpoint_out": str(tmp_path / "ckpt"),
+    }  # fmt: skip
+    summary = evolve_namm(config, progress=False, command="memzoo namm evolve --config tiny.yaml")
+    assert summary["generations"] == 2 and set(summary["full_scores"]) == {"passkey", "book"}
+    best = load_namm_parameters(tmp_path / "scorer" / "namm.safetensors")
+    assert best.shape == (namm_parameter_count(),) and best.abs().sum() > 0
+    model = memzoo.load(tmp_path / "ckpt")
+    assert model.config.memory == "namm"
+    torch.testing.assert_close(load_namm_parameters(tmp_path / "ckpt"), best)
+    training = json.loads((tmp_path / "ckpt" / "training.json").read_text())
+    assert training["derived_from"] == str(tmp_path / "backbone") and training["evolved"]["generations"] == 2
+    card = write_card(tmp_path / "ckpt").read_text()
+    assert "evolved by CMA-ES" in card and "2 generations" in card
+    scorer_card = (tmp_path / "scorer" / "README.md").read_text()
+    assert "| 2 | passkey+book |" in scorer_card and (tmp_path / "scorer" / "fitness.png").stat().st_size > 0

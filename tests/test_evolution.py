@@ -161,3 +161,4 @@ def test_evolve_namm_end_to_end_tiny(tmp_path):
     assert "evolved by CMA-ES" in card and "2 generations" in card
     scorer_card = (tmp_path / "scorer" / "README.md").read_text()
     assert "| 2 | passkey+book |" in scorer_card and (tmp_path / "scorer" / "fitness.png").stat().st_size > 0
+    assert (tmp_path / "scorer" / "log.jsonl").read_text() == (tmp_path / "run" / "log.jsonl").read_text()

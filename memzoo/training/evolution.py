@@ -493,6 +493,7 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
     info = {"derived_from": str(path), "evolved": evolved, "task": "passkey", "stored_dtype": "float32",
             "command": summary.get("command") or f"memzoo namm evolve --config recipes/configs/evolve/{config['name']}.yaml"}  # fmt: skip
     (ckpt_dir / "training.json").write_text(json.dumps(info, indent=1))
+    shutil.copyfile(run / "log.jsonl", scorer_dir / "log.jsonl")  # the card's numbers, beside it (run folders are not shipped)
     _fitness_figure(records, scorer_dir / "fitness.png")
     _scorer_card(scorer_dir, info, records)
     from ..cards import write_card
@@ -556,7 +557,7 @@ def _scorer_card(folder: Path, info: dict, records: list[dict]) -> None:
         f"in {ev['wall_s'] / 60:.1f} min" + ("" if ev["complete"] else " (**best so far of an unfinished run**)"),
         f"- fitness: task score (exp(-mean CE) of the answer, `memzoo.tasks.retrieval`) with the NAMM / with a full cache, "
         f"same prompts, mean over tasks; final tasks {', '.join(ev['tasks'])}; best {ev['best_fitness']:.4f}",
-        f"- log: `{ev['run']}/log.jsonl`", "",
+        f"- log: `log.jsonl` (a copy of `{ev['run']}/log.jsonl`, one line per generation)", "",
         "![fitness](fitness.png)", "",
         fitness_table(records),
     ]  # fmt: skip

@@ -614,9 +614,47 @@ def booksum_section() -> str:
     return "\n\n".join(parts)
 
 
+def performance_section() -> str:
+    """Speed and memory per design from ``docs/results/bench/bench.json`` (``memzoo bench``), with the peers' ratios."""
+    path = RESULTS / "bench" / "bench.json"
+    if not path.is_file():
+        return f"## Performance\n\n{NOT_MEASURED} No `docs/results/bench/bench.json` yet: run `memzoo bench`."
+    from memzoo.bench import format_table, summarize
+
+    d = json.loads(path.read_text())
+    m, peak = d.get("machine", {}), d.get("peak", {})
+    gflops = {k: v["flops_per_s"] / 1e9 for k, v in peak.items() if isinstance(v, dict) and "flops_per_s" in v}
+    parts = [
+        "## Performance",
+        f"`{d.get('command') or 'memzoo bench'}` on {md_escape(str(m.get('cpu', '?')))}, "
+        f"{m.get('threads', '?')} torch thread(s), 1-minute load {m.get('loadavg_1min', '?')} on {m.get('cores', '?')} cores "
+        "at the start (a shared machine: compare rows of one run only). Measured matmul peak: "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gflops.items())
+        + ". "
+        "Streaming: batch 1, no gradients, each (design, length) in a fresh process; peak RSS is that whole process. "
+        "`fwd % of fp32 peak`: counted FLOPs of one 2048-token forward / time / the fp32 peak. "
+        "Data: [`bench.json`](results/bench/bench.json).",
+        format_table(d),
+    ]
+    for name in ("stream_tokens_per_s.png", "stream_memory.png"):
+        if (RESULTS / "bench" / name).is_file():
+            parts.append(f"![{name[:-4].replace('_', ' ')}](results/bench/{name})")
+    ratios = summarize(d).get("peer_ratios", {})
+    if ratios:
+        keys = ("stream_tokens_per_s", "train_tokens_per_s", "peak_rss_mib")
+        rows = [[f"`{pair}`", *[str(r.get(k, "—")) for k in keys]] for pair, r in ratios.items()]
+        parts.append("memzoo / public implementation (titans-pytorch, infini-transformer-pytorch) at equal sizes, same runner "
+                     "(`recipes/peer_run.py`):\n\n" + table(["pair", "stream tokens/s", "train tokens/s", "peak RSS"], rows))  # fmt: skip
+    if d.get("stream_skipped"):
+        parts.append("Skipped (estimated from the previous length): " + ", ".join(
+            f"`{s['design']}` at {s['tokens']:,} tokens (~{s['estimated_seconds']} s)" for s in d["stream_skipped"]))  # fmt: skip
+    return "\n\n".join(parts)
+
+
 def other_results_section() -> str:
     known = {RESULTS / "passkey", RESULTS / "booksum"}
-    others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known) if RESULTS.is_dir() else []
+    drawn = {RESULTS / "bench" / "bench.json"}  # performance_section()
+    others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
         return ""
     rows = []
@@ -638,6 +676,7 @@ def comparison_snippet(measured: dict) -> None:
         GENERATED_BY.format(what="`docs/results/**/*.json` and measured `state.nbytes()`"),
         passkey_section(),
         booksum_section(),
+        performance_section(),
         "## State size against context length (measured)\n\n"
         "Every design at one standard size; only `full` grows. See each design's page for its formula.\n\n"
         + ("![state bytes against tokens streamed](generated/figures/state_bytes.png)\n\n" if (FIG / "state_bytes.png").is_file() else "")

@@ -8,6 +8,7 @@
     memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
     memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
     memzoo namm evolve --config recipes/configs/evolve/namm.yaml   # CMA-ES for the NAMM scorer, then ship it
+    memzoo bench                      # tokens/s, peak RSS, state bytes, FLOP fraction per design -> docs/results/bench/
 
 Each sub-command is a small function below; long jobs live in ``recipes/`` and in the
 ``memzoo.tasks`` / ``memzoo.training`` packages, which the sub-commands call.
@@ -464,6 +465,25 @@ def _add_run_commands(group, task: str) -> None:
     p.set_defaults(func=_cmd_card)
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Speed and memory of every design (+ the public peers): JSON and figures under OUT, a table on stdout."""
+    from memzoo.bench import format_table, load_config, run_bench, summarize
+
+    cfg = load_config(args.config, quick=args.quick)
+    if args.threads:
+        cfg["threads"] = args.threads
+    out = args.out or ("runs/bench-quick" if args.quick else "docs/results/bench")
+    data = run_bench(cfg, out, designs=args.designs, sections=args.sections, fresh=args.fresh, peers_python=args.peers_python,
+                     command=_command_line(args))  # fmt: skip
+    print(format_table(data))
+    print(json.dumps(summarize(data), indent=1))
+    print(f"wrote {Path(out) / 'bench.json'} and figures")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -512,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", default=None)
     _add_booksum_options(p)
     p.set_defaults(func=_cmd_booksum_compare)
+
+    p = sub.add_parser("bench", help="tokens/s, peak RSS, state bytes, FLOP fraction of every design; memzoo vs the public peers")
+    p.add_argument("--config", default="recipes/configs/bench/default.yaml", help="bench YAML")
+    p.add_argument("--quick", action="store_true", help="the config's tiny `quick` section (smoke test, < 2 minutes)")
+    p.add_argument("--designs", nargs="+", default=None, help="only these designs (default: the config's)")
+    p.add_argument("--sections", nargs="+", default=None, choices=["peak", "forward", "train", "stream", "bf16", "peers"])
+    p.add_argument("--out", default=None, help="results folder (default docs/results/bench, or runs/bench-quick with --quick)")
+    p.add_argument("--fresh", action="store_true", help="measure again what OUT/bench.json already holds")
+    p.add_argument("--peers-python", default=None, help="interpreter of the peers' venv (default: the config's, .venv-peers)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: the config's)")
+    p.set_defaults(func=_cmd_bench)
 
     namm = sub.add_parser("namm", help="evolve a NAMM scorer (CMA-ES), ship it, compare it with other eviction policies")
     namm = namm.add_subparsers(dest="action", required=True)

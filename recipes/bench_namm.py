@@ -15,14 +15,13 @@ Then ``--decode`` tokens one at a time (the generate loop), where every call cop
 For the NAMM policies the time inside the policy is split by method (``observe``: recording columns;
 ``before_eviction``: STFT/EMA/moments; ``score``: features + BAM). Results go to JSON::
 
-    nice -n 10 python recipes/bench_namm.py --tokens 32768 --out runs/bench_namm.json
+    nice -n 10 python recipes/bench_namm.py --tokens 32768     # -> docs/results/bench/bench_namm.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 import memzoo
+from memzoo.bench import machine_info
 from memzoo.memories.namm import namm_parameter_count, set_namm_parameters
 
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="streams per policy (the fastest counts)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_namm.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/bench/bench_namm.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,12 +115,7 @@ def main() -> None:
         print(json.dumps(r))
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        },
+        "environment": machine_info() | {"device": args.device},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@
 
 Results go to JSON (numbers in the docs come from that file)::
 
-    nice -n 10 python recipes/bench_titans.py --out results/bench_titans.json
+    nice -n 10 python recipes/bench_titans.py            # -> docs/results/bench/bench_titans.json
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -29,12 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import memzoo
+from memzoo.bench import machine_info, peak_rss_mib, timed
 from memzoo.ops.titans import mlp_shapes, titans_chunked, titans_naive
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_inputs(n: int, heads: int, dim: int, depth: int, seed: int = 0):
@@ -48,15 +41,6 @@ def memory_inputs(n: int, heads: int, dim: int, depth: int, seed: int = 0):
     theta = 0.02 * torch.rand(1, heads, n, generator=g)
     alpha = 0.01 * torch.rand(1, heads, n, generator=g)
     return weights, momentum, q, k, v, eta, theta, alpha
-
-
-def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def bench_ops(n: int, heads: int, dim: int, depth: int, chunk: int) -> dict:
@@ -116,21 +100,21 @@ def bench_stream(design: str, lengths: list[int], d_model: int, n_layers: int, s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="results/bench_titans.json")
+    p.add_argument("--out", default="docs/results/bench/bench_titans.json")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--tokens", type=int, default=2048, help="ops benchmark length")
     p.add_argument("--stream-lengths", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--skip-stream", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    info = machine_info()  # the machine is shared: a 1-minute load above the core count means pessimistic timings
     result = {
-        "torch": torch.__version__,
+        "torch": info["torch"],
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": info["cpu"],
         "rss_at_start_mib": round(peak_rss_mib()),
-        # the machine is shared: a 1-minute load above the core count means the timings are pessimistic
-        "cores": os.cpu_count(),
-        "loadavg_1min_at_start": os.getloadavg()[0],
+        "cores": info["cores"],
+        "loadavg_1min_at_start": info["loadavg_1min"],
     }
     # streaming first, so that its peak RSS is not the ops benchmark's (ru_maxrss never goes down)
     if not args.skip_stream:

@@ -69,8 +69,9 @@ class EvolutionConfig:
         popsize: candidates per generation (the paper's 32).
         sigma0: initial step size (the paper's 0.065).
         generations: stop after this many generations in total (a resumed run counts the earlier ones).
-        curriculum: ``[{"task": name, "from_generation": g}, ...]``: each task joins the fitness at
-            generation g (the first task at 0).
+        curriculum: ``[{"task": name, "from_generation": g}, ...]``: each task joins the fitness after g
+            completed generations (the first task at 0; in ``log.jsonl``, whose ``generation`` counts completed
+            ones, the first line with it is ``generation == g + 1``).
         seed: seeds cma's sampler; every rank uses the same.
         diagonal: separable CMA-ES (linear in the dimension); False = full covariance.
         max_minutes: stop (after a complete generation, state saved) once this wall time has passed.

@@ -397,7 +397,7 @@ def _cmd_namm_compare(args: argparse.Namespace) -> int:
     print("| design | " + " | ".join(f"{t} score | {t} / full | {t} acc" for t in args.tasks) + " |")
     print("|---" * (1 + 3 * len(args.tasks)) + "|")
     for d, row in results["designs"].items():
-        cells = [f"{row[t]['score']:.4f} | {row[t]['ratio_to_full']:.3f} | {row[t]['accuracy']:.2f}" for t in args.tasks]
+        cells = [f"{row[t]['score']:.3g} | {row[t]['ratio_to_full']:.3f} | {row[t]['accuracy']:.2f}" for t in args.tasks]
         print(f"| {d} | " + " | ".join(cells) + " |")
     print(f"wrote {path}")
     return 0

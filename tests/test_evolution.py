@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import memzoo
 from memzoo.memories.namm import load_namm_parameters, namm_parameter_count
 from memzoo.tasks.retrieval import make_task, score_answers
-from memzoo.training.evolution import Evolution, EvolutionConfig, evolve_namm, load_evolve_config
+from memzoo.training.evolution import Evolution, EvolutionConfig, compare_policies, evolve_namm, load_evolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = np.linspace(-1.0, 1.0, 40)
@@ -162,3 +162,6 @@ def test_evolve_namm_end_to_end_tiny(tmp_path):
     scorer_card = (tmp_path / "scorer" / "README.md").read_text()
     assert "| 2 | passkey+book |" in scorer_card and (tmp_path / "scorer" / "fitness.png").stat().st_size > 0
     assert (tmp_path / "scorer" / "log.jsonl").read_text() == (tmp_path / "run" / "log.jsonl").read_text()
+    results = compare_policies(config, tmp_path / "ckpt", ("namm", "window"), n_prompts=2)  # the namm checkpoint's own backbone
+    assert set(results["designs"]) == {"full", "namm", "window"} and results["designs"]["full"]["book"]["ratio_to_full"] == 1.0
+    assert results["designs"]["namm"]["passkey"]["score"] > 0

@@ -575,22 +575,30 @@ def compare_policies(config: dict, checkpoint: str | Path, designs: Sequence[str
     """
     import memzoo
 
+    from ..config import BACKBONE_FIELDS
     from ..tasks.retrieval import make_task, score_answers
 
     source = memzoo.load(checkpoint).eval()  # the namm checkpoint: its scorer is the evolved one
+    # The backbone alone (swap_memory refuses to drop the scorer's weights): every design gets these exact weights,
+    # not those of the training run the checkpoint came from, which may have moved on since.
+    backbone = memzoo.build("full", **{k: getattr(source.config, k) for k in BACKBONE_FIELDS}).eval()
+    weights = {k: v for k, v in source.state_dict().items() if k in backbone.state_dict()}
+    backbone.load_state_dict(weights, strict=True)
     t = config["tasks"]
     sets = {n: make_task(n, n_prompts, t["n_tokens"], t["seed"] + seed_offset) for n in tasks}
     results = {"checkpoint": str(checkpoint), "memory": config["memory"], "n_prompts": n_prompts, "n_tokens": t["n_tokens"],
                "seed": t["seed"] + seed_offset, "designs": {}}  # fmt: skip
-    models = {"full": memzoo.swap_memory(source, "full").eval()}
+    models = {"full": backbone}
     for d in designs:
-        models[d] = source if d == source.config.memory else memzoo.swap_memory(source, d, **config["memory"]).eval()
+        models[d] = source if d == source.config.memory else memzoo.swap_memory(backbone, d, **config["memory"]).eval()
     for d, model in models.items():
         row = {}
         for name, s in sets.items():
             start = time.perf_counter()
             r = score_answers(model, s, t.get("segment_len", 128))
-            row[name] = {k: r[k] for k in ("score", "prob", "accuracy", "mean_ce")} | {"seconds": round(time.perf_counter() - start, 2)}
+            seconds = time.perf_counter() - start
+            row[name] = {k: r[k] for k in ("score", "prob", "accuracy", "mean_ce")} | {
+                "seconds": round(seconds, 2), "tokens_per_s": round(n_prompts * t["n_tokens"] / seconds)}  # fmt: skip
         results["designs"][d] = row
     for row in results["designs"].values():
         for name in sets:

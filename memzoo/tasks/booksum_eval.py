@@ -198,8 +198,9 @@ def evaluate_booksum(
 ) -> dict:
     """ROUGE of a memzoo model that streams each book through its memory, then writes the summary.
 
-    Per book: ``model.stream(book)`` in segments of ``segment_len`` (bounded memory for every
-    design but ``full``), then ``model.generate(prompt, state=...)`` decodes up to
+    Per book: the book is fed ``segment_len`` tokens per call, carrying the state (as
+    ``model.stream`` does; bounded memory for every design but ``full``), then
+    ``model.generate(prompt, state=...)`` decodes up to
     ``max_new_tokens`` tokens (stopping at EOS), greedily or by nucleus sampling (the
     Infini-attention paper's temperature 0.5, top-p 0.95).
 
@@ -226,6 +227,8 @@ def evaluate_booksum(
     """
     if not books:
         raise ValueError("no books to evaluate")
+    if not prompt:
+        raise ValueError("prompt must be non-empty: decoding starts from it")
     tok = tokenizer or default_tokenizer()
     model.eval()
     device = next(model.parameters()).device

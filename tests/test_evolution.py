@@ -18,7 +18,8 @@ from memzoo.tasks.retrieval import make_task, score_answers
 from memzoo.training.evolution import Evolution, EvolutionConfig, compare_policies, evolve_namm, load_evolve_config
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = np.linspace(-1.0, 1.0, 40)
+DIM = 320  # >= cma's TPA_dimension (300): the step-size adaptation of the real 4172-dim run, with its injected samples
+TARGET = np.linspace(-1.0, 1.0, DIM)
 
 
 def sphere(x, tasks):
@@ -32,8 +33,8 @@ def toy_config(**kw) -> EvolutionConfig:
 
 
 def test_generations_keep_or_improve_the_best(tmp_path):
-    evo = Evolution(sphere, np.zeros(40), toy_config(generations=12), tmp_path)
-    first = sphere(np.zeros(40), ["a"])[0]
+    evo = Evolution(sphere, np.zeros(DIM), toy_config(generations=12), tmp_path)
+    first = sphere(np.zeros(DIM), ["a"])[0]
     records = []
     for _ in range(12):
         records.append(evo.step())
@@ -47,10 +48,10 @@ def test_generations_keep_or_improve_the_best(tmp_path):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     """Stopped after 4 generations and rebuilt from its files, the run asks and tells exactly as one that never stopped."""
-    straight = Evolution(sphere, np.zeros(40), toy_config(), tmp_path / "a")
+    straight = Evolution(sphere, np.zeros(DIM), toy_config(), tmp_path / "a")
     straight.run(progress=False)
-    Evolution(sphere, np.zeros(40), toy_config(generations=4), tmp_path / "b").run(progress=False)
-    resumed = Evolution(sphere, np.zeros(40), toy_config(), tmp_path / "b")
+    Evolution(sphere, np.zeros(DIM), toy_config(generations=4), tmp_path / "b").run(progress=False)
+    resumed = Evolution(sphere, np.zeros(DIM), toy_config(), tmp_path / "b")
     assert resumed.generation == 4
     resumed.run(progress=False)
     np.testing.assert_array_equal(resumed.mean, straight.mean)  # bit for bit (diagonal CMA-ES)
@@ -61,7 +62,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_state_files_hold_no_pickle(tmp_path, monkeypatch):
-    Evolution(sphere, np.zeros(40), toy_config(generations=2), tmp_path).run(progress=False)
+    Evolution(sphere, np.zeros(DIM), toy_config(generations=2), tmp_path).run(progress=False)
     state = tmp_path / "state"
     assert sorted(p.name for p in state.iterdir()) == ["best_x.json", "cma.safetensors", "state.json"]
     for name in ("state.json", "best_x.json"):
@@ -77,7 +78,7 @@ def test_state_files_hold_no_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    assert Evolution(sphere, np.zeros(40), toy_config(generations=3), tmp_path).generation == 2
+    assert Evolution(sphere, np.zeros(DIM), toy_config(generations=3), tmp_path).generation == 2
 
 
 def _free_port() -> int:
@@ -89,7 +90,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        evo = Evolution(sphere, np.zeros(40), toy_config(generations=4), Path(out) / "run")
+        evo = Evolution(sphere, np.zeros(DIM), toy_config(generations=4), Path(out) / "run")
         evo.run(progress=False)
         Path(out, f"rank{rank}.json").write_text(json.dumps({"mean": evo.mean.tolist(), "best": evo.best_fitness}))
     finally:
@@ -99,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path):
     """Each rank evaluates every other candidate; the gathered fitnesses give the one-process run exactly."""
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = Evolution(sphere, np.zeros(40), toy_config(generations=4), tmp_path / "single")
+    single = Evolution(sphere, np.zeros(DIM), toy_config(generations=4), tmp_path / "single")
     single.run(progress=False)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]

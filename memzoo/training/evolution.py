@@ -24,7 +24,9 @@ the full form for whoever has the machine for it.
 
 Resume without pickle: ``state/cma.safetensors`` holds every numeric array of the ES and of its
 step-size adaptation, diagonal scaling, sampler and best solution (mean, sigma vector, paths pc / ps,
-diagonal covariance dC and D, the old means...) plus the sampler's random generator (the MT19937 key),
+diagonal covariance dC and D, the old means...), the pending injected directions (the mean shift that
+TPA step-size adaptation, cma's default in this dimension, evaluates first) and the sampler's random
+generator (the MT19937 key),
 and ``state/state.json`` every scalar (sigma, counters, generation, best fitness, the full-cache
 scores). A fresh ES is built from the same options and these values are set on it. Options and
 derived constants (weights, learning rates) are recomputed from the config, not stored; stopping-
@@ -141,6 +143,10 @@ def save_cma_state(es, folder: str | Path, extra: dict | None = None) -> None:
                 v = value.item() if isinstance(value, np.generic) else value
                 scalars[f"{name}.{key}"] = {"value": v if not (isinstance(v, float) and not math.isfinite(v)) else repr(v),
                                             "type": type(value).__name__}  # fmt: skip
+    # Pending injections: with TPA step-size adaptation (cma's default from dimension 100 on) tell leaves the
+    # mean shift +-(mean - mean_old) here for the next ask to put first in the population.
+    for key in ("pop_injection_directions", "pop_injection_solutions"):
+        arrays[f"list.{key}"] = np.asarray(getattr(es, key), dtype=np.float64).reshape(-1, es.N)
     kind, keys, pos, has_gauss, cached = es._memzoo_rng.get_state()
     arrays["rng.keys"] = np.asarray(keys, dtype=np.uint32)
     state = {"cma": scalars, "rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
@@ -174,7 +180,9 @@ def load_cma_state(folder: str | Path, x0: np.ndarray, config: EvolutionConfig):
     es = _new_es(x0, config)
     for key, array in arrays.items():
         name, attr = key.split(".", 1)
-        if name != "rng":
+        if name == "list":
+            setattr(es, attr, [row.copy() for row in array])
+        elif name != "rng":
             setattr(_part(es, name), attr, array.copy())
     casts = {"float64": np.float64, "int64": np.int64, "bool_": np.bool_, "float": float, "int": int, "bool": bool,
              "NoneType": lambda v: None}  # fmt: skip
@@ -183,6 +191,8 @@ def load_cma_state(folder: str | Path, x0: np.ndarray, config: EvolutionConfig):
         value = entry["value"]
         value = float(value) if isinstance(value, str) else value  # 'inf', 'nan'
         setattr(_part(es, name), attr, casts.get(entry["type"], lambda v: v)(value))
+    if es.countiter > 0 and "list.pop_injection_directions" not in arrays:  # a state saved before they were stored
+        es._prepare_injection_directions()  # what tell computes from mean, mean_old and pc (no randomness)
     if es.countiter > 0:  # cma starts its wall-clock timer at the first ask only
         from cma.utilities.utils import ElapsedWCTime
 

@@ -312,25 +312,54 @@ def _key(row: dict) -> tuple:
 
 
 class _Results:
-    """The results JSON, rewritten after every measurement (an interrupted bench keeps what it has and resumes)."""
+    """The results JSON, rewritten after every measurement (an interrupted bench keeps what it has and resumes).
+
+    Each write re-reads the file under a lock and merges: rows measured by another ``memzoo bench``
+    writing to the same folder at the same time (e.g. the long streams in a second process) are kept.
+    """
 
     def __init__(self, path: Path, fresh: bool):
-        self.path = path
-        self.data = {} if fresh or not path.is_file() else json.loads(path.read_text())
+        self.path, self.touched, self.fresh = path, set(), fresh  # fresh: measure again (and replace) what is asked
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.touched.add(key)
+        self.save()
 
     def has(self, section: str, **key) -> dict | None:
         return next((r for r in self.data.get(section, []) if all(r.get(k) == v for k, v in key.items()) and "error" not in r), None)
 
     def add(self, section: str, row: dict) -> None:
-        rows = [r for r in self.data.get(section, []) if _key(r) != _key(row)]
-        self.data[section] = sorted(rows + [row], key=lambda r: tuple(str(x) for x in _key(r)))
-        self.save()
+        self.data[section] = [r for r in self.data.get(section, []) if _key(r) != _key(row)] + [row]
+        self.touched.add(section)
+        self.save(replace={section: _key(row)})
 
-    def save(self) -> None:
+    def drop(self, section: str, row_key: tuple) -> None:
+        self.data[section] = [r for r in self.data.get(section, []) if _key(r) != row_key]
+        self.save(remove={section: row_key})
+
+    def save(self, replace: dict | None = None, remove: dict | None = None) -> None:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        tmp.replace(self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time; merge with what the others wrote
+            disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            merged = disk | {k: v for k, v in self.data.items() if k in self.touched or k not in disk}
+            for section, rows in disk.items():
+                if isinstance(rows, list) and isinstance(self.data.get(section), list):
+                    mine = {_key(r): r for r in self.data[section]}
+                    gone = {(remove or {}).get(section)}
+                    theirs = [r for r in rows if _key(r) not in mine and _key(r) not in gone]
+                    merged[section] = sorted(theirs + list(mine.values()), key=lambda r: tuple(str(x) for x in _key(r)))
+            self.data = merged
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(merged, indent=1) + "\n")
+            tmp.replace(self.path)
+        finally:
+            os.close(fd)
 
 
 def _say(msg: str) -> None:
@@ -343,7 +372,7 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
 
     Streams run in a fresh subprocess each (peak RSS); speed-only measurements in this process;
     all with ``cfg["threads"]`` torch threads.
-    Measurements already in ``OUT/bench.json`` are kept and skipped unless ``fresh``.
+    Measurements already in ``OUT/bench.json`` are kept and skipped; ``fresh`` measures the asked ones again (others are kept).
     """
     out = Path(out)
     res = _Results(out / "bench.json", fresh)
@@ -351,33 +380,40 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
     torch.set_num_threads(threads)
     designs = designs or list(cfg["designs"])
     sections = sections or ["peak", "forward", "train", "peers", "bf16", "stream"]
-    res.data["machine"] = machine_info()
-    res.data["config"] = cfg | {"designs": designs}
-    res.data["command"] = command
-    res.data["method"] = {
-        "peak_rss": "fresh subprocess per (design, length): VmHWM of the whole process (interpreter + torch + model + state +"
-        " activations); rss_after_build_mib is its RSS before the first token; max_sampled_rss_mib samples /proc/self/statm per segment",
-        "flops": "torch.utils.flop_counter on a real call, SDPA counted through its math backend (full [queries x keys] block,"
-        " causal mask not subtracted: PaLM MFU convention)",
-        "peak_fraction": "counted FLOPs / wall seconds / measured fp32 matmul peak (same threads)",
-    }
-    res.save()
+    run = {"command": command, "machine": machine_info(), "designs": designs, "sections": sections}
+    res.set("runs", [*[r for r in res.data.get("runs", []) if r.get("command") != command], run])
+    for key, value in (("machine", run["machine"]), ("config", cfg), ("command", command)):
+        if key not in res.data:  # the first run's; each run is listed in "runs"
+            res.set(key, value)
+    res.set(
+        "method",
+        {
+            "peak_rss": "fresh subprocess per (design, length): VmHWM of the whole process (interpreter + torch + model + state +"
+            " activations); rss_after_build_mib is its RSS before the first token;"
+            " max_sampled_rss_mib samples /proc/self/statm per segment",
+            "flops": "torch.utils.flop_counter on a real call, SDPA counted through its math backend (full [queries x keys] block,"
+            " causal mask not subtracted: PaLM MFU convention)",
+            "peak_fraction": "counted FLOPs / wall seconds / measured fp32 matmul peak (same threads)",
+        },
+    )
     sub = ["-m", "memzoo.bench"]
     mjson = json.dumps(model)
 
     if "peak" in sections:
         pk = cfg.get("peak", {})
         # bf16 at a smaller n, twice: where the CPU lacks avx512_bf16/AMX it runs at ~1 GFLOP/s (a 2048^3 product takes ~20 s)
-        res.data["peak"] = {
-            "float32": matmul_peak(pk.get("n", 2048), torch.float32, pk.get("repeats", 5)),
-            "bfloat16": matmul_peak(min(pk.get("n", 2048), 1024), torch.bfloat16, 2),
-        }
-        res.save()
+        res.set(
+            "peak",
+            {
+                "float32": matmul_peak(pk.get("n", 2048), torch.float32, pk.get("repeats", 5)),
+                "bfloat16": matmul_peak(min(pk.get("n", 2048), 1024), torch.bfloat16, 2),
+            },
+        )
         _say("peak matmul: " + ", ".join(f"{k} {v['flops_per_s'] / 1e9:.1f} GFLOP/s" for k, v in res.data["peak"].items()))
     peak = res.data.get("peak", {}).get("float32", {}).get("flops_per_s")
 
     def measure(section, what, design, tokens, segment_len=None, dtype="fp32"):
-        done = res.has(section, design=design, tokens=tokens, dtype=dtype)
+        done = None if res.fresh else res.has(section, design=design, tokens=tokens, dtype=dtype)
         if done:
             return done
         if what == "stream":  # a fresh process per (design, length): its ru_maxrss is this stream's peak
@@ -422,7 +458,6 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
         lengths = sorted(parse_length(x) for x in sc["lengths"])
         long_designs, short_max = set(sc.get("long_designs", designs)), parse_length(sc.get("short_max", max(lengths)))
         limits = {parse_length(k): float(v) for k, v in (sc.get("max_seconds_at") or {}).items()}
-        skipped = res.data.setdefault("stream_skipped", [])
         for d in designs:
             prev = None
             for n in lengths:
@@ -431,16 +466,15 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
                 estimate = n / prev["tokens_per_s"] if prev and "tokens_per_s" in prev else None
                 if n in limits and estimate and estimate > limits[n] and not res.has("stream", design=d, tokens=n, dtype="fp32"):
                     note = {"design": d, "tokens": n, "estimated_seconds": round(estimate), "limit_seconds": limits[n]}
-                    skipped[:] = [s for s in skipped if (s["design"], s["tokens"]) != (d, n)] + [note]
-                    res.save()
+                    res.add("stream_skipped", note)
                     _say(f"stream   {d:14s} {n:>8d}: skipped (estimated {estimate:.0f} s > {limits[n]:.0f} s)")
                     break
                 prev = measure("stream", "stream", d, n, sc["segment_len"])
-                skipped[:] = [s for s in skipped if (s["design"], s["tokens"]) != (d, n)]
+                if any(_key(r) == _key({"design": d, "tokens": n}) for r in res.data.get("stream_skipped", [])):
+                    res.drop("stream_skipped", _key({"design": d, "tokens": n}))
                 if "error" in prev:
                     break
-    res.data["summary"] = summarize(res.data)
-    res.save()
+    res.set("summary", summarize(res.data))
     bench_figures(res.data, out)
     return res.data
 
@@ -455,7 +489,7 @@ def run_peers(pc: dict, res: _Results, *, peers_python: str | None, threads: int
             continue
         args = [str(PEER_RUNNER), "--threads", str(threads)] + [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
         for impl, interp in ((ours, sys.executable), (theirs, str(python))):
-            if res.has("peers", impl=impl, tokens=opts.get("tokens", 2048)):
+            if not res.fresh and res.has("peers", impl=impl, tokens=opts.get("tokens", 2048)):
                 continue
             if impl == theirs and not python.is_file():
                 row = {"impl": impl, "tokens": opts.get("tokens", 2048), "error": f"no {python}: run bash recipes/setup_peers.sh"}

@@ -171,9 +171,15 @@ def _cmd_derive(args: argparse.Namespace) -> int:
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     source = memzoo.load(args.source)
     model = memzoo.swap_memory(source, args.memory, **overrides)
+    if args.scorer:
+        from memzoo.memories.namm import load_namm_parameters, set_namm_parameters
+
+        set_namm_parameters(model, load_namm_parameters(args.scorer))
     stored = _stored_dtype(args.bf16)
     model.save_pretrained(args.out, dtype=stored)
     info = {"derived_from": str(args.source), "command": _command_line(args), "stored_dtype": "bfloat16" if stored else "float32"}
+    if args.scorer:
+        info["scorer"] = str(args.scorer)
     source_training = Path(args.source) / "training.json"
     task = json.loads(source_training.read_text()).get("task") if source_training.is_file() else None
     if task:  # the card of a derived checkpoint describes the source's task
@@ -454,6 +460,7 @@ def _add_run_commands(group, task: str) -> None:
     p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
     p.add_argument("--out", required=True)
     p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
+    p.add_argument("--scorer", default=None, help="namm only: an evolved scorer (file or folder) to load, e.g. checkpoints/namm-scorer")
     p.set_defaults(func=_cmd_derive)
 
     p = group.add_parser("ship", help="copy a finished training run into a checkpoint folder with its training record")
@@ -474,11 +481,13 @@ def _add_run_commands(group, task: str) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Speed and memory of every design (+ the public peers): JSON and figures under OUT, a table on stdout."""
-    from memzoo.bench import format_table, load_config, run_bench, summarize
+    from memzoo.bench import format_table, load_config, parse_length, run_bench, summarize
 
     cfg = load_config(args.config, quick=args.quick)
     if args.threads:
         cfg["threads"] = args.threads
+    if args.lengths:  # only these stream lengths (no estimate from a shorter one: each given length is measured)
+        cfg["stream"] = cfg["stream"] | {"lengths": args.lengths, "short_max": max(args.lengths, key=parse_length)}
     out = args.out or ("runs/bench-quick" if args.quick else "docs/results/bench")
     data = run_bench(cfg, out, designs=args.designs, sections=args.sections, fresh=args.fresh, peers_python=args.peers_python,
                      command=_command_line(args))  # fmt: skip
@@ -543,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--designs", nargs="+", default=None, help="only these designs (default: the config's)")
     p.add_argument("--sections", nargs="+", default=None, choices=["peak", "forward", "train", "stream", "bf16", "peers"])
     p.add_argument("--out", default=None, help="results folder (default docs/results/bench, or runs/bench-quick with --quick)")
-    p.add_argument("--fresh", action="store_true", help="measure again what OUT/bench.json already holds")
+    p.add_argument("--fresh", action="store_true", help="measure the asked designs/sections again (replacing their rows; the others stay)")
     p.add_argument("--peers-python", default=None, help="interpreter of the peers' venv (default: the config's, .venv-peers)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: the config's)")
+    p.add_argument("--lengths", nargs="+", default=None, help="stream only these lengths, e.g. 1M (default: the config's)")
     p.set_defaults(func=_cmd_bench)
 
     namm = sub.add_parser("namm", help="evolve a NAMM scorer (CMA-ES), ship it, compare it with other eviction policies")

@@ -131,3 +131,15 @@ def test_ship_derive_and_card(tmp_path):
     derived = write_card(tmp_path / "ck-evict").read_text()
     assert "No training of its own" in derived and "bfloat16" in derived and "Not measured yet" in derived
     assert memzoo.load(tmp_path / "ck-evict").embed.weight.dtype == torch.float32  # loads back to fp32
+
+
+def test_derive_namm_with_an_evolved_scorer(tmp_path):
+    from memzoo.memories.namm import namm_parameter_count, namm_parameters, save_namm_parameters
+
+    torch.manual_seed(0)
+    memzoo.build("full", d_model=32, n_layers=1, n_heads=2).save_pretrained(tmp_path / "full")
+    vector = torch.randn(namm_parameter_count())
+    save_namm_parameters(tmp_path / "scorer.safetensors", vector)
+    assert main(["passkey", "derive", "--from", str(tmp_path / "full"), "--memory", "namm", "--set", "budget=64",
+                 "--scorer", str(tmp_path / "scorer.safetensors"), "--out", str(tmp_path / "ck")]) == 0  # fmt: skip
+    torch.testing.assert_close(namm_parameters(memzoo.load(tmp_path / "ck")), vector, atol=0, rtol=0)

@@ -506,7 +506,7 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
     (ckpt_dir / "training.json").write_text(json.dumps(info, indent=1))
     shutil.copyfile(run / "log.jsonl", scorer_dir / "log.jsonl")  # the card's numbers, beside it (run folders are not shipped)
     _fitness_figure(records, scorer_dir / "fitness.png")
-    _scorer_card(scorer_dir, info, records)
+    _scorer_card(scorer_dir, info, records, config.get("notes", ""))
     from ..cards import write_card
 
     write_card(ckpt_dir)
@@ -548,7 +548,7 @@ def fitness_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _scorer_card(folder: Path, info: dict, records: list[dict]) -> None:
+def _scorer_card(folder: Path, info: dict, records: list[dict], notes: str = "") -> None:
     ev = info["evolved"]
     step = f" (trainer step {ev['backbone_step']})" if ev.get("backbone_step") is not None else ""
     lines = [
@@ -569,6 +569,7 @@ def _scorer_card(folder: Path, info: dict, records: list[dict]) -> None:
         f"- fitness: task score (exp(-mean CE) of the answer, `memzoo.tasks.retrieval`) with the NAMM / with a full cache, "
         f"same prompts, mean over tasks; final tasks {', '.join(ev['tasks'])}; best {ev['best_fitness']:.4f}",
         f"- log: `log.jsonl` (a copy of `{ev['run']}/log.jsonl`, one line per generation)", "",
+        *([notes.strip(), ""] if notes else []),
         "![fitness](fitness.png)", "",
         fitness_table(records),
     ]  # fmt: skip

@@ -348,12 +348,17 @@ class _Results:
             fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time; merge with what the others wrote
             disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
             merged = disk | {k: v for k, v in self.data.items() if k in self.touched or k not in disk}
+            if isinstance(disk.get("runs"), list):  # every bench that wrote here, by command line
+                known = {x["command"] for x in disk["runs"]}
+                merged["runs"] = disk["runs"] + [r for r in self.data.get("runs", []) if r["command"] not in known]
             for section, rows in disk.items():
-                if isinstance(rows, list) and isinstance(self.data.get(section), list):
-                    mine = {_key(r): r for r in self.data[section]}
-                    gone = {(remove or {}).get(section)}
-                    theirs = [r for r in rows if _key(r) not in mine and _key(r) not in gone]
-                    merged[section] = sorted(theirs + list(mine.values()), key=lambda r: tuple(str(x) for x in _key(r)))
+                if section != "runs" and isinstance(rows, list) and isinstance(self.data.get(section), list):
+                    # the file wins, except for the row written now (another bench may have re-measured the others)
+                    new = (replace or {}).get(section)
+                    mine = [r for r in self.data[section] if _key(r) == new]
+                    kept = [r for r in rows if _key(r) not in (new, (remove or {}).get(section))]
+                    kept += [r for r in self.data[section] if _key(r) not in {_key(x) for x in rows} and _key(r) != new]
+                    merged[section] = sorted(kept + mine, key=lambda r: tuple(str(x) for x in _key(r)))
             self.data = merged
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(merged, indent=1) + "\n")
@@ -542,9 +547,10 @@ def bench_figures(data: dict, out: str | Path) -> list[Path]:
     for name, fields in panels:
         fig, axes = plt.subplots(1, len(fields), figsize=(6.5 * len(fields), 4), squeeze=False)
         for ax, (field, label, logy) in zip(axes[0], fields):
-            for d in designs:
+            for i, d in enumerate(designs):  # 12 designs: tab20 and two line styles keep every line distinct
                 rows = sorted((r for r in stream if r["design"] == d), key=lambda r: r["tokens"])
-                ax.plot([r["tokens"] for r in rows], [r[field] for r in rows], marker="o", label=d)
+                style = {"color": plt.get_cmap("tab20")(i % 20), "linestyle": "-" if i % 2 == 0 else "--"}
+                ax.plot([r["tokens"] for r in rows], [r[field] for r in rows], marker="o", label=d, **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log" if logy or field == "tokens_per_s" else "linear")
             ax.set_xticks(ticks, [format_length(n) for n in ticks])

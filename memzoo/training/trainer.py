@@ -60,7 +60,7 @@ class TrainConfig:
         no_grad_prefix: tokens at the start of every sequence streamed without gradients.
         autocast: "none" or "bf16" (autocast; memory maths stays fp32 inside the designs). Default
             "none": on CPUs without avx512_bf16/AMX (like this project's CI machine) bf16 matmuls
-            run 10-30x slower than fp32 (measured: see docs/performance.md).
+            run ~95x slower than fp32 (measured by `memzoo bench`: docs/results/bench/bench.json).
         log_every / save_every: in steps (save_every 0 = only at the end).
         max_minutes: stop (and save) after this wall time, even before ``steps`` (0 = no limit).
         seed: seeds the model init and the data.

@@ -32,7 +32,8 @@ def accuracy_table(results: dict) -> str:
     depths = sorted({c["depth"] for c in results["cells"]})
     lengths = sorted({c["length"] for c in results["cells"]})
     acc = {(c["length"], c["depth"]): c for c in results["cells"]}
-    lines = ["| length | " + " | ".join(f"depth {d:g}" for d in depths) + " | tokens/s | state bytes |", "|---" * (len(depths) + 3) + "|"]
+    header = "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " | prompt tokens/s | state bytes |"
+    lines = [header, "|---" * (len(depths) + 3) + "|"]
     for n in lengths:
         cells = [acc.get((n, d)) for d in depths]
         shown = [f"{c['correct']}/{c['n']}" if c else "-" for c in cells]
@@ -159,7 +160,13 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             + ").",
             "",
             accuracy_table(results),
+            "",
+            "prompt tokens/s counts every prompt's tokens, though the filler before the needle is streamed once per cell and "
+            "shared by its keys (exact, by split invariance); state bytes are per sequence.",
         ]
+        correct = sum(c["correct"] for c in results["cells"])
+        if correct == 0:
+            lines += ["", "**This checkpoint did not learn to retrieve the key: no cell has a correct answer.**"]
     else:
         lines.append("Not measured yet.")
     path = checkpoint / "README.md"

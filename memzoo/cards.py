@@ -125,12 +125,16 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             "",
             f"Command: `{training['command']}`",
         ]
+        if training.get("scorer"):
+            lines += ["", f"The NAMM scorer is the evolved one in `{training['scorer']}` (evolved on another backbone: see its card)."]
     elif training:
+        planned = training.get("train", {}).get("steps", 0)  # max_minutes may end a run early
+        stopped = f"; the time limit stopped it before the planned {planned}" if planned > training["steps"] else ""
         lines += [
             f"Command: `{training['command']}`",
             "",
             f"- recipe: `{training.get('recipe_file', '?')}` ({training['steps']} steps, "
-            f"{training['train_seconds'] / 60:.1f} min of training on this project's 2-core CPU)",
+            f"{training['train_seconds'] / 60:.1f} min of training on this project's 2-core CPU{stopped})",
             f"- final training loss (weighted cross-entropy): {training['final_loss']:.4f}",
             f"- parameters: {training['parameters']:,}",
             f"- data: {data}, curriculum "

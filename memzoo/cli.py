@@ -17,6 +17,7 @@ Each sub-command is a small function below; long jobs live in ``recipes/`` and i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -83,14 +84,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config)
     overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
     out = args.out or f"runs/{recipe['name']}"
-    distributed = _init_distributed()
-    try:
+    with _distributed():
         summary = train_recipe(recipe, out, resume=not args.no_resume, progress=_rank() == 0, **overrides)
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0
@@ -102,18 +97,26 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _init_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo for CPU tensors, nccl for CUDA ones."""
+@contextlib.contextmanager
+def _distributed():
+    """Under torchrun (WORLD_SIZE > 1) join the process group for the block (gloo for CPU tensors,
+    nccl for CUDA ones) and leave it after; a plain run does nothing."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+        yield
+        return
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    try:
+        yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
@@ -370,15 +373,9 @@ def _cmd_namm_evolve(args: argparse.Namespace) -> int:
 
     config = load_evolve_config(args.config)
     overrides = {k: v for k, v in (("generations", args.generations), ("max_minutes", args.max_minutes)) if v is not None}
-    distributed = _init_distributed()
-    try:
+    with _distributed():
         summary = evolve_namm(config, out=args.out, resume=not args.no_resume, progress=_rank() == 0 and not args.quiet,
                               command=_command_line(args), **overrides)  # fmt: skip
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
-import datasets
-import huggingface_hub.constants
 import pytest
 import torch
 
@@ -31,18 +28,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "booksum"
 ROUGE_KEYS = {*ROUGE_TYPES, "overall"}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No network anywhere in this file: the recipe must run offline end to end."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+# No network anywhere in this file: the recipe must run offline end to end.
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

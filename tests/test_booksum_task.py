@@ -2,11 +2,9 @@
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 import pytest
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -21,18 +19,8 @@ from memzoo.tasks.booksum import (
 FIXTURES = Path(__file__).parent / "fixtures" / "booksum"
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Offline as the docs tell users: the variables, and the flags the libraries read at import."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-    def no_network(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+# Offline as the docs tell users: the variables, and the flags the libraries read at import.
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +50,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from ..io import atomic_directory
 
 __all__ = ["EvolutionConfig", "Evolution", "namm_fitness", "load_cma_state", "save_cma_state"]
 
@@ -151,19 +151,9 @@ def save_cma_state(es, folder: str | Path, extra: dict | None = None) -> None:
     arrays["rng.keys"] = np.asarray(keys, dtype=np.uint32)
     state = {"cma": scalars, "rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "extra": extra or {}}  # fmt: skip
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         save_file(arrays, str(tmp / "cma.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cma_state(folder: str | Path, x0: np.ndarray, config: EvolutionConfig):

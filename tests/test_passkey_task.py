@@ -158,12 +158,17 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         assert tok.decode(labels[row][weights[row] == 1.0]) == key + " " + key
         rest = weights[row][(weights[row] != 1.0)]
         assert torch.allclose(rest[:-1], torch.tensor(0.2)) and rest[-1] == 0
+        # The logged metrics: the answer's digits and the needle's key copy, as label masks.
+        masks = batch["metric_masks"]
+        assert tok.decode(labels[row][masks["answer"][row]]) == key
+        assert tok.decode(labels[row][masks["copy"][row]]) == key
 
 
 def test_training_batch_options(tok):
     a = make_training_batch(3, 300, tok, generator=torch.Generator().manual_seed(5))
     b = make_training_batch(3, 300, tok, generator=5)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "loss_weights"))
+    assert all(torch.equal(a["metric_masks"][k], b["metric_masks"][k]) for k in ("answer", "copy"))
     near = make_training_batch(3, 300, tok, generator=5, needle_near_end_prob=1.0)
     fixed = make_training_batch(3, 300, tok, generator=5, depth=0.0)
     for row in range(3):

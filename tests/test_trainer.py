@@ -83,6 +83,19 @@ def test_no_grad_prefix_streams_without_gradient():
     assert metrics["loss"] > 0 and all(p.grad is not None for p in model.parameters())
 
 
+def test_metric_masks_log_mean_cross_entropy_across_segments():
+    batch = random_batches()(0, torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    mask[:, 3] = mask[:, 20] = True  # one prediction in the first segment, one in the third
+    batch["metric_masks"] = {"probe": mask}
+    model = make("full")
+    with torch.no_grad():
+        logits = model(batch["input_ids"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask])
+    metrics = Trainer(model, config(segment_len=8, lr=0.0), lambda s, g: batch).train_step()
+    assert metrics["ce_probe"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)

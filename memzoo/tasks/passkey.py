@@ -379,7 +379,10 @@ def make_training_batch(
     Returns:
         ``input_ids: [b, n]`` int64; ``labels: [b, n]`` int64 with ``labels[:, t]`` the token
         that follows ``input_ids[:, t]`` (-100 at the last position and on padding);
-        ``loss_weights: [b, n]`` float32 aligned with ``labels`` (0 where the label is -100).
+        ``loss_weights: [b, n]`` float32 aligned with ``labels`` (0 where the label is -100);
+        ``metric_masks``: ``{"answer": [b, n], "copy": [b, n]}`` bool, the predictions of the
+        answer's digits and of the needle's key copy (the trainer logs their mean cross-entropy:
+        ln 10 = 2.30 nats is chance, the model has not found the key yet).
     """
     if not 0.0 <= needle_near_end_prob <= 1.0:
         raise ValueError(f"needle_near_end_prob must be in [0, 1], got {needle_near_end_prob}")
@@ -389,6 +392,8 @@ def make_training_batch(
     input_ids = torch.full((batch_size, n_tokens), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, n_tokens), -100, dtype=torch.long)
     weights = torch.zeros(batch_size, n_tokens)
+    answer_digits = torch.zeros(batch_size, n_tokens, dtype=torch.bool)
+    key_copy = torch.zeros(batch_size, n_tokens, dtype=torch.bool)
     for row in range(batch_size):
         key = random_key(generator, digits)
         # Draw both numbers every row so the key stream does not depend on the depth options.
@@ -413,4 +418,11 @@ def make_training_batch(
         start, end = sample.key_copy_span
         weights[row, start - 1 : end - 1] = copy_weight
         weights[row, p - 1 : m - 1] = answer_weight
-    return {"input_ids": input_ids, "labels": labels, "loss_weights": weights}
+        key_copy[row, start - 1 : end - 1] = True
+        answer_digits[row, p : m - 1] = True  # the answer after its leading space: the digits
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "loss_weights": weights,
+        "metric_masks": {"answer": answer_digits, "copy": key_copy},
+    }

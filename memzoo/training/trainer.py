@@ -36,9 +36,11 @@ from ..io import atomic_directory
 from ..model import IGNORE_INDEX, MemZooForCausalLM
 from .param_groups import param_groups
 
-__all__ = ["TrainConfig", "Trainer", "BatchFn", "weighted_loss"]
+__all__ = ["TrainConfig", "Trainer", "BatchFn", "weighted_loss", "token_cross_entropy"]
 
-#: ``batch_fn(step, generator) -> {"input_ids": [B, n], "labels": [B, n], "loss_weights": [B, n] (optional)}``
+#: ``batch_fn(step, generator) -> {"input_ids": [B, n], "labels": [B, n], "loss_weights": [B, n] (optional),
+#: "metric_masks": {name: bool [B, n]} (optional: the log gets ``ce_<name>``, the mean cross-entropy
+#: of the predictions under each mask, e.g. the passkey answer digits)}``
 BatchFn = Callable[[int, torch.Generator], dict]
 
 
@@ -98,12 +100,21 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor | None) -> Tensor:
-    """Sum over tokens of weight x cross-entropy (labels -100 count 0). logits: [b, n, V]."""
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token cross-entropy ``[b, n]`` in fp32 (0 where the label is -100). logits: [b, n, V]."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    w = (labels.flatten() != IGNORE_INDEX).float()
+    return ce.view(labels.shape)
+
+
+def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor | None, ce: Tensor | None = None) -> Tensor:
+    """Sum over tokens of weight x cross-entropy (labels -100 count 0). logits: [b, n, V].
+
+    ``ce``: the :func:`token_cross_entropy` of these logits when the caller already has it.
+    """
+    ce = token_cross_entropy(logits, labels) if ce is None else ce
+    w = (labels != IGNORE_INDEX).float()
     if weights is not None:
-        w = w * weights.flatten().float()
+        w = w * weights.float()
     return (ce * w).sum()
 
 
@@ -143,6 +154,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         batch = self.batch_fn(self.step, gen)
         ids, labels, weights = batch["input_ids"], batch["labels"], batch.get("loss_weights")
+        masks = dict(batch.get("metric_masks") or {})
         total_weight = _label_weight(labels, weights)  # over the global batch: every rank sees it
         if self.world > 1:
             if ids.shape[0] % self.world:
@@ -150,9 +162,13 @@ class Trainer:
             rows = slice(self.rank, None, self.world)
             ids, labels = ids[rows], labels[rows]
             weights = weights[rows] if weights is not None else None
+            masks = {name: mask[rows] for name, mask in masks.items()}
         device = next(model.parameters()).device
         ids, labels = ids.to(device), labels.to(device)
         weights = weights.to(device) if weights is not None else None
+        masks = {name: mask.to(device) for name, mask in masks.items()}
+        # per mask: [sum of ce, count], summed over segments (and ranks) for the log
+        mask_totals = {name: torch.zeros(2, dtype=torch.float64) for name in masks}
 
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step) * group["lr_mult"]
@@ -168,7 +184,11 @@ class Trainer:
             end = min(n, start + cfg.segment_len)
             with self._autocast():
                 out = model(ids[:, start:end], state=state)
-            part = weighted_loss(out.logits, labels[:, start:end], weights[:, start:end] if weights is not None else None)
+            ce = token_cross_entropy(out.logits, labels[:, start:end])
+            part = weighted_loss(out.logits, labels[:, start:end], weights[:, start:end] if weights is not None else None, ce=ce)
+            for name, mask in masks.items():
+                piece = mask[:, start:end]
+                mask_totals[name] += torch.stack([ce.detach()[piece].sum().double(), piece.sum().double()]).cpu()
             pending = pending + part / total_weight.clamp_min(1e-9)
             state, seg_count = out.state, seg_count + 1
             last = end == n
@@ -182,18 +202,23 @@ class Trainer:
             loss_t = torch.tensor([loss_sum])
             dist.all_reduce(loss_t)
             loss_sum = float(loss_t)
+            for totals in mask_totals.values():
+                dist.all_reduce(totals)
         grad_norm = float("nan")
         if cfg.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.step += 1
-        return {
+        metrics = {
             "step": self.step,
             "loss": loss_sum,
             "lr": cfg.lr_at(self.step - 1),
             "grad_norm": grad_norm,
             "tokens": int(ids.numel()) * self.world,
         }
+        for name, (ce_sum, count) in mask_totals.items():
+            metrics[f"ce_{name}"] = float(ce_sum / count) if count else float("nan")
+        return metrics
 
     def _autocast(self):
         enabled = self.config.autocast == "bf16"
@@ -233,7 +258,8 @@ class Trainer:
             metrics.update(train_s=round(self.train_seconds, 2), tokens_per_s=round(tokens / max(elapsed, 1e-9)))
             history.append(metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=metrics["tokens_per_s"])
+            shown = {"loss": f"{metrics['loss']:.3f}"} | {k: f"{v:.2f}" for k, v in metrics.items() if k.startswith("ce_")}
+            bar.set_postfix(shown, tok_s=metrics["tokens_per_s"])
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self._log(metrics)
             out_of_time = cfg.max_minutes and elapsed > 60 * cfg.max_minutes

@@ -165,6 +165,21 @@ class MemoryModule(nn.Module):
         """
         raise NotImplementedError
 
+    def weights_from_attention(self, attention: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This module's parameters that can start from a trained softmax-attention layer (warm start).
+
+        Args:
+            attention: the ``full`` design's mixer parameters of the same layer, by their names
+                inside the mixer: ``qkv.weight`` [3d, d] (rows: queries, keys, values) and
+                ``out.weight`` [d, d].
+
+        Returns:
+            tensors for this module's own parameter names (inside the mixer) whose names differ
+            from the attention's; parameters with the same name and shape are copied without it.
+            Default: none.
+        """
+        return {}
+
     def _default_device(self, device) -> torch.device:
         if device is not None:
             return torch.device(device)

@@ -127,3 +127,40 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     for name, p in single.state_dict().items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], atol=0, rtol=0)  # ranks identical
         torch.testing.assert_close(ranks[0][name], p, atol=1e-6, rtol=1e-5)  # = one process
+
+
+def test_warm_start_copies_the_shared_backbone(tmp_path):
+    from memzoo.training import warm_start
+
+    source = make("full")
+    source.save_pretrained(tmp_path / "full")
+    target = make("infini", segment_len=8)
+    torch.manual_seed(1)
+    report = warm_start(target, tmp_path / "full")
+    own = dict(target.named_parameters())
+    assert set(report["copied"]) == {name for name, _ in source.named_parameters()}
+    assert report["kept_init"] and set(report["kept_init"]).isdisjoint(report["copied"])
+    for name, param in source.named_parameters():
+        torch.testing.assert_close(own[name], param, atol=0, rtol=0)
+
+    wider = memzoo.build("full", d_model=64, n_layers=2, n_heads=2)
+    with pytest.raises(ValueError, match="same d_model"):
+        warm_start(wider, tmp_path / "full")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        warm_start(target, tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["titans-mac", "titans-mag", "titans-mal"])
+def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
+    from memzoo.training import warm_start
+
+    source = make("full")
+    source.save_pretrained(tmp_path / "full")
+    target = make(name, chunk_size=4, **({"segment_len": 8} if name == "titans-mac" else {"window": 8}))
+    report = warm_start(target, tmp_path / "full")
+    own, src = dict(target.named_parameters()), dict(source.named_parameters())
+    qkv = src["blocks.1.mixer.qkv.weight"]
+    proj = "attn." if name == "titans-mac" else "attn.proj."
+    torch.testing.assert_close(own[f"blocks.1.mixer.{proj}q.weight"], qkv[:32], atol=0, rtol=0)
+    torch.testing.assert_close(own[f"blocks.1.mixer.{proj}kv.weight"], qkv[32:], atol=0, rtol=0)
+    assert "blocks.1.mixer.memory.qkv.weight" in report["kept_init"]  # the neural memory learns from scratch

@@ -598,6 +598,14 @@ class _WithPersistent(MemoryModule):
         """Persistent tokens ~ N(0, 1): the scale of the normed hidden states they sit beside."""
         nn.init.normal_(self.persistent, std=1.0)
 
+    def weights_from_attention(self, attention: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The softmax branch starts as the trained attention (queries, keys/values, output)."""
+        d = attention["out.weight"].shape[0]
+        q, kv = attention["qkv.weight"][:d], attention["qkv.weight"][d:]
+        prefix = "attn." if isinstance(self.attn, _Projections) else "attn.proj."
+        output = "attn_out.weight" if hasattr(self, "attn_out") else "out.weight"
+        return {prefix + "q.weight": q, prefix + "kv.weight": kv, output: attention["out.weight"]}
+
     def persistent_tokens(self, dtype: torch.dtype) -> Tensor:
         """[1, N_p, d] the persistent tokens, as a fresh copy: they are the *input* of Linears, and
         MKL rounds differently for an input that is not 64-byte aligned, which a parameter loaded

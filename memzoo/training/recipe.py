@@ -24,6 +24,7 @@ import yaml
 from ..registry import build
 from ..tokenizer import tokenizer as default_tokenizer
 from .trainer import BatchFn, TrainConfig, Trainer
+from .warm_start import warm_start
 
 __all__ = ["load_recipe", "make_batch_fn", "train_recipe", "TASKS"]
 
@@ -118,6 +119,7 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     torch.manual_seed(train_cfg.seed)
     model_cfg = dict(recipe["model"])
     model = build(model_cfg.pop("memory"), **model_cfg)
+    warm = warm_start(model, train_cfg.init_from) if train_cfg.init_from else None  # a resume then overwrites it
     trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir)
     start = time.perf_counter()
     history = trainer.fit(resume=resume, progress=progress)
@@ -137,6 +139,8 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(train_cfg),
     }
+    if warm is not None:
+        summary["warm_start"] = {"source": warm["source"], "copied": len(warm["copied"]), "kept_init": warm["kept_init"]}
     if trainer.rank == 0:
         (out_dir / "run.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -66,6 +66,9 @@ class TrainConfig:
         log_every / save_every: in steps (save_every 0 = only at the end).
         max_minutes: stop (and save) after this wall time, even before ``steps`` (0 = no limit).
         seed: seeds the model init and the data.
+        init_from: a checkpoint folder to warm-start from (every parameter with the same name and
+            shape is copied, see :func:`~memzoo.training.warm_start.warm_start`; applied by
+            :func:`~memzoo.training.recipe.train_recipe` before the first step). None = from scratch.
     """
 
     steps: int = 1000
@@ -83,6 +86,7 @@ class TrainConfig:
     save_every: int = 100
     max_minutes: float = 0.0
     seed: int = 0
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run (e.g. the recipe name)
 
     def __post_init__(self):

@@ -5,4 +5,14 @@ from .param_groups import param_groups as param_groups
 from .trainer import BatchFn, TrainConfig, Trainer, weighted_loss
 from .warm_start import warm_start
 
-__all__ = ["BatchFn", "Evolution", "EvolutionConfig", "Trainer", "TrainConfig", "evolve_namm", "namm_fitness", "warm_start", "weighted_loss"]
+__all__ = [
+    "BatchFn",
+    "Evolution",
+    "EvolutionConfig",
+    "Trainer",
+    "TrainConfig",
+    "evolve_namm",
+    "namm_fitness",
+    "warm_start",
+    "weighted_loss",
+]

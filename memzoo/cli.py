@@ -119,6 +119,25 @@ def _distributed():
             dist.destroy_process_group()
 
 
+def _weights_sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace) -> list[dict]:
+    """Cells of an earlier run with the same weights, keys and depths, for lengths it finished."""
+    if not out_json.is_file():
+        return []
+    earlier = json.loads(out_json.read_text())
+    same = earlier.get("weights_sha256") == weights and earlier.get("seed") == args.seed and earlier.get("n_keys") == args.n_keys
+    if not same:
+        return []
+    cells = [c for c in earlier.get("cells", []) if c["depth"] in args.depths]
+    finished = {n for n in {c["length"] for c in cells} if {c["depth"] for c in cells if c["length"] == n} >= set(args.depths)}
+    return [c for c in cells if c["length"] in finished]
+
+
 def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -130,15 +149,22 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     model = memzoo.load(path)
     name = model.config.memory
     out_json = Path(args.out) / f"{name}.json"
+    weights = _weights_sha256(path)
+    lengths = _lengths(args)
+    kept = [c for c in _reusable_cells(out_json, weights, args) if c["length"] in lengths] if args.resume else []
+    todo = [n for n in lengths if n not in {c["length"] for c in kept}]
+    if kept:
+        print(f"{name}: keeping the finished lengths {sorted({c['length'] for c in kept})} of {out_json} (same weights, keys, depths)")
+    header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "n_keys": args.n_keys, "seed": args.seed}
+    partial: dict = {"cells": list(kept)}
 
     def save_partial(cell: dict) -> None:  # a long grid keeps what it has if interrupted
-        partial.setdefault("cells", []).append(cell)
-        save_results(partial | {"design": name, "checkpoint": str(path), "complete": False}, out_json)
+        partial["cells"].append(cell)
+        save_results(partial | header | {"complete": False}, out_json)
 
-    partial: dict = {}
     results = evaluate_passkey(
         model,
-        lengths=_lengths(args),
+        lengths=todo,
         depths=args.depths,
         n_keys=args.n_keys,
         seed=args.seed,
@@ -146,7 +172,8 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
         progress=not args.quiet,
         on_cell=save_partial,
     )
-    results |= {"checkpoint": str(path), "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
+    cells = sorted(kept + results["cells"], key=lambda c: (c["length"], c["depth"]))
+    results |= header | {"lengths": lengths, "cells": cells, "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
     save_results(results, out_json)
     passkey_heatmap(results, out_json.with_suffix(".png"))
     return results
@@ -439,6 +466,12 @@ def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: li
     p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--out", default=out, help="folder for results JSON and figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the finished lengths of OUT/<design>.json when it was made with the same weights, keys and depths",
+    )
 
 
 def _add_run_commands(group, task: str) -> None:

@@ -95,6 +95,21 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     assert all(0 <= c["accuracy"] <= 1 and c["state_bytes"] > 0 for c in results["cells"])
     assert (tmp_path / "res" / "sinks.png").stat().st_size > 0
 
+    # A second run with one more length keeps the finished one (same weights, keys and depths) ...
+    args = ["passkey", "eval", "--checkpoint", str(tmp_path / "ckpt"), "--depths", "0", "1", "--n-keys", "2",
+            "--out", str(tmp_path / "res"), "--quiet"]  # fmt: skip
+    assert main(args + ["--lengths", "256", "300"]) == 0
+    again = json.loads((tmp_path / "res" / "sinks.json").read_text())
+    assert [c["length"] for c in again["cells"]] == [256, 256, 300, 300]
+    assert again["cells"][:2] == results["cells"]  # reused, not re-measured (seconds would differ)
+    # ... but new weights at the same path start over.
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(args + ["--lengths", "256"]) == 0
+    fresh = json.loads((tmp_path / "res" / "sinks.json").read_text())
+    assert fresh["weights_sha256"] != again["weights_sha256"] and fresh["cells"][0]["seconds"] != results["cells"][0]["seconds"]
+
 
 
 

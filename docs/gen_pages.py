@@ -497,7 +497,7 @@ def passkey_section() -> str:
             ]
         )
     parts.append("### Runs\n\n" + table(["design", "checkpoint", "parameters", "depths", "keys per cell", "seed", "status", "data"], rows))
-    n_keys = sorted({r.get("n_keys") for _, _, r in valid if r.get("n_keys") is not None})
+    n_keys = sorted({str(r.get("n_keys")) for _, _, r in valid if r.get("n_keys") is not None})
     parts.append(
         "### Accuracy (mean over needle depths)\n\n"
         f"Exact match of the key in the greedy continuation; {', '.join(map(str, n_keys))} keys per cell, so one "
@@ -540,7 +540,7 @@ def passkey_section() -> str:
             f"--depths {' '.join(f'{d:g}' for d in r.get('depths', []))} --n-keys {r.get('n_keys')} --seed {r.get('seed', 0)} "
             f"--out {rel(path.parent)}"
         )
-        cmds.append(f"# {label}\n{r.get('command') or cmd}")
+        cmds.append(f"# {label}\n" + "\n".join(r.get("commands") or [r.get("command") or cmd]))
     parts.append(
         "### Reproduce these runs\n\nThe commands below are written from the JSON files themselves (the grid they hold); "
         "`--segment-len` changes speed only, never the outputs.\n\n```bash\n" + "\n".join(cmds) + "\n```"

@@ -125,17 +125,29 @@ def _weights_sha256(path: str | Path) -> str:
     return hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
 
 
-def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace) -> list[dict]:
-    """Cells of an earlier run with the same weights, keys and depths, for lengths it finished."""
+def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace, lengths: list[int]) -> tuple[list[dict], list[str]]:
+    """What an earlier run of the same weights and seed left in ``out_json``: its cells and commands.
+
+    Kept: every cell of a length this call does not evaluate, and the cells of a length it does
+    evaluate if they cover ``args.depths`` with ``args.n_keys`` keys (that length is then skipped).
+    So long lengths can be run later, or with fewer keys, and land in the same results file.
+    """
     if not out_json.is_file():
-        return []
+        return [], []
     earlier = json.loads(out_json.read_text())
-    same = earlier.get("weights_sha256") == weights and earlier.get("seed") == args.seed and earlier.get("n_keys") == args.n_keys
-    if not same:
-        return []
-    cells = [c for c in earlier.get("cells", []) if c["depth"] in args.depths]
-    finished = {n for n in {c["length"] for c in cells} if {c["depth"] for c in cells if c["length"] == n} >= set(args.depths)}
-    return [c for c in cells if c["length"] in finished]
+    if earlier.get("weights_sha256") != weights or earlier.get("seed") != args.seed:
+        return [], []
+    cells = earlier.get("cells", [])
+
+    def finished(n: int) -> bool:
+        mine = [c for c in cells if c["length"] == n and c["n"] == args.n_keys]
+        return {c["depth"] for c in mine} >= set(args.depths)
+
+    def reusable(c: dict) -> bool:
+        return c["length"] not in lengths or (finished(c["length"]) and c["n"] == args.n_keys and c["depth"] in args.depths)
+
+    kept = [c for c in cells if reusable(c)]
+    return kept, list(earlier.get("commands", []))
 
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
@@ -143,7 +155,7 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
 
     import memzoo
     from memzoo.plots import passkey_heatmap
-    from memzoo.tasks.passkey_eval import evaluate_passkey, save_results
+    from memzoo.tasks.passkey_eval import describe_keys, evaluate_passkey, save_results
 
     torch.manual_seed(0)
     model = memzoo.load(path)
@@ -151,16 +163,17 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     out_json = Path(args.out) / f"{name}.json"
     weights = _weights_sha256(path)
     lengths = _lengths(args)
-    kept = [c for c in _reusable_cells(out_json, weights, args) if c["length"] in lengths] if args.resume else []
+    kept, commands = _reusable_cells(out_json, weights, args, lengths) if args.resume else ([], [])
     todo = [n for n in lengths if n not in {c["length"] for c in kept}]
     if kept:
-        print(f"{name}: keeping the finished lengths {sorted({c['length'] for c in kept})} of {out_json} (same weights, keys, depths)")
-    header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "n_keys": args.n_keys, "seed": args.seed}
+        print(f"{name}: keeping {len(kept)} cells of {out_json} (same weights and seed), evaluating lengths {todo}")
+    commands.append(_command_line(args))
+    header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "seed": args.seed, "commands": commands}
     partial: dict = {"cells": list(kept)}
 
     def save_partial(cell: dict) -> None:  # a long grid keeps what it has if interrupted
         partial["cells"].append(cell)
-        save_results(partial | header | {"complete": False}, out_json)
+        save_results(partial | header | describe_keys(partial["cells"]) | {"complete": False}, out_json)
 
     results = evaluate_passkey(
         model,
@@ -173,7 +186,8 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
         on_cell=save_partial,
     )
     cells = sorted(kept + results["cells"], key=lambda c: (c["length"], c["depth"]))
-    results |= header | {"lengths": lengths, "cells": cells, "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
+    results |= header | describe_keys(cells) | {"lengths": sorted({c["length"] for c in cells}), "cells": cells}
+    results |= {"depths": sorted({c["depth"] for c in cells}), "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
     save_results(results, out_json)
     passkey_heatmap(results, out_json.with_suffix(".png"))
     return results

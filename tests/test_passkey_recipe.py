@@ -102,6 +102,12 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     again = json.loads((tmp_path / "res" / "sinks.json").read_text())
     assert [c["length"] for c in again["cells"]] == [256, 256, 300, 300]
     assert again["cells"][:2] == results["cells"]  # reused, not re-measured (seconds would differ)
+    assert len(again["commands"]) == 2 and again["commands"][1].endswith("256 300")
+    # A long length with fewer keys joins the same file; n_keys then says which lengths have how many.
+    assert main(args[:7] + ["--n-keys", "1", "--lengths", "400"] + args[9:]) == 0
+    mixed = json.loads((tmp_path / "res" / "sinks.json").read_text())
+    assert [c["length"] for c in mixed["cells"]] == [256, 256, 300, 300, 400, 400] and mixed["cells"][-1]["n"] == 1
+    assert mixed["n_keys"] == "2 (256-300), 1 (400)" and mixed["keys_per_length"] == {"256": 2, "300": 2, "400": 1}
     # ... but new weights at the same path start over.
     with torch.no_grad():
         model.embed.weight.add_(1.0)

@@ -62,6 +62,18 @@ def rouge_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _warm_start_lines(training: dict) -> list[str]:
+    warm = training.get("warm_start")
+    if not warm:
+        return []
+    source = warm.get("source_train_seconds")
+    total = f"; with the source's own {source / 60:.1f} min, {(source + training['train_seconds']) / 60:.1f} min in all" if source else ""
+    return [
+        f"- warm start: {warm['copied']} tensors from `{warm['source']}` (the backbone it shares{total}); "
+        f"its own {len(warm['kept_init'])} tensors started fresh"
+    ]
+
+
 def write_card(checkpoint: str | Path, results_path: str | Path | None = None, task: str | None = None) -> Path:
     """(Re)write ``checkpoint/README.md`` from ``checkpoint/training.json`` and a results JSON.
 
@@ -135,6 +147,7 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             "",
             f"- recipe: `{training.get('recipe_file', '?')}` ({training['steps']} steps, "
             f"{training['train_seconds'] / 60:.1f} min of training on this project's 2-core CPU{stopped})",
+            *_warm_start_lines(training),
             f"- final training loss (weighted cross-entropy): {training['final_loss']:.4f}",
             f"- parameters: {training['parameters']:,}",
             f"- data: {data}, curriculum "

@@ -164,3 +164,14 @@ def test_derive_namm_with_an_evolved_scorer(tmp_path):
     assert main(["passkey", "derive", "--from", str(tmp_path / "full"), "--memory", "namm", "--set", "budget=64",
                  "--scorer", str(tmp_path / "scorer.safetensors"), "--out", str(tmp_path / "ck")]) == 0  # fmt: skip
     torch.testing.assert_close(namm_parameters(memzoo.load(tmp_path / "ck")), vector, atol=0, rtol=0)
+
+
+def test_card_reports_the_warm_start_and_the_total_time():
+    from memzoo.cards import _warm_start_lines
+
+    training = {"train_seconds": 600.0, "warm_start": {"source": "checkpoints/passkey-full", "copied": 23, "kept_init": ["a", "b", "c"],
+                                                       "source_train_seconds": 1800.0}}  # fmt: skip
+    (line,) = _warm_start_lines(training)
+    assert "23 tensors from `checkpoints/passkey-full`" in line and "30.0 min, 40.0 min in all" in line
+    assert "3 tensors started fresh" in line
+    assert _warm_start_lines({"train_seconds": 1.0}) == []

@@ -44,7 +44,8 @@ def test_resume_continues_exactly(tmp_path):
     Trainer(interrupted, config(steps=2), random_batches(), out_dir=tmp_path / "b").fit(progress=False)
     resumed = make(budget=8, evict_every=4)  # a fresh process would rebuild the model like this
     trainer = Trainer(resumed, config(), random_batches(), out_dir=tmp_path / "b")
-    trainer.fit(progress=False)
+    with pytest.warns(UserWarning, match="steps 2 -> 4"):  # warm-up only so far: the same schedule
+        trainer.fit(progress=False)
     assert trainer.step == 4
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
@@ -164,3 +165,13 @@ def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
     torch.testing.assert_close(own[f"blocks.1.mixer.{proj}q.weight"], qkv[:32], atol=0, rtol=0)
     torch.testing.assert_close(own[f"blocks.1.mixer.{proj}kv.weight"], qkv[32:], atol=0, rtol=0)
     assert "blocks.1.mixer.memory.qkv.weight" in report["kept_init"]  # the neural memory learns from scratch
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    Trainer(make("full"), config(steps=2), random_batches(), out_dir=tmp_path).fit(progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.02\)"), pytest.warns(UserWarning):
+        Trainer(make("full"), config(steps=4, lr=2e-2), random_batches(), out_dir=tmp_path).fit(progress=False)
+    # a longer time limit is fine: it does not change what is computed
+    trainer = Trainer(make("full"), config(steps=2, max_minutes=5), random_batches(), out_dir=tmp_path)
+    trainer.fit(progress=False)
+    assert trainer.step == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,6 +306,7 @@ class Trainer:
         """Restore model weights, optimizer moments and step from a :meth:`save_checkpoint` folder."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
+        _check_same_run(state.get("config", {}), asdict(self.config), path)
         weights = load_file(str(path / "model" / "model.safetensors"))
         own = self.model.state_dict()
         missing = set(own) - set(weights)
@@ -319,6 +321,32 @@ class Trainer:
             lines = (self.out_dir / "log.jsonl").read_text().splitlines()
             kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
             (self.out_dir / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
+
+
+#: TrainConfig fields a resumed run may change: they do not change what is computed, except
+#: ``steps`` (training longer is legitimate, but the schedule and curriculum stretch: a warning says so)
+_RESUMABLE_CHANGES = {"max_minutes", "log_every", "save_every", "extra", "steps"}
+
+
+def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint made with other settings: it would silently mix two runs."""
+    differ = {k for k in saved.keys() & current.keys() if k not in _RESUMABLE_CHANGES and _jsonable(saved[k]) != _jsonable(current[k])}
+    if saved.get("steps", current["steps"]) != current["steps"]:
+        warnings.warn(
+            f"resuming {path} with steps {saved['steps']} -> {current['steps']}: the learning-rate schedule and the "
+            "curriculum are stretched from here on, so the run is no longer the one a fresh start would give",
+            stacklevel=3,
+        )
+    if differ:
+        changes = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(differ))
+        raise ValueError(
+            f"{path} was saved by a run with other settings ({changes}); resume with the same config, "
+            "or start over in a new run folder (or with --no-resume)"
+        )
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

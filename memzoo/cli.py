@@ -269,9 +269,11 @@ def _cmd_ship(args: argparse.Namespace) -> int:
         "stored_dtype": "bfloat16" if stored else "float32",
         "notes": recipe.get("notes", ""),
     }
-    source = Path(summary.get("warm_start", {}).get("source", "")) / "training.json"
-    if "warm_start" in summary and source.is_file():  # what the shared backbone cost, for the card's total
-        info["warm_start"] = summary["warm_start"] | {"source_train_seconds": json.loads(source.read_text()).get("train_seconds")}
+    if "warm_start" in summary:  # what the source cost (a shipped checkpoint's training.json, or a run's run.json)
+        source = Path(summary["warm_start"]["source"])
+        record = next((f for f in (source / "training.json", source.parent / "run.json") if f.is_file()), None)
+        if record is not None:
+            info["warm_start"] = summary["warm_start"] | {"source_train_seconds": json.loads(record.read_text()).get("train_seconds")}
     _write_training(args.out, info)
     print(f"wrote {args.out} from {run}")
     return 0

@@ -272,8 +272,10 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     if "warm_start" in summary:  # what the source cost (a shipped checkpoint's training.json, or a run's run.json)
         source = Path(summary["warm_start"]["source"])
         record = next((f for f in (source / "training.json", source.parent / "run.json") if f.is_file()), None)
-        if record is not None:
-            info["warm_start"] = summary["warm_start"] | {"source_train_seconds": json.loads(record.read_text()).get("train_seconds")}
+        if record is not None:  # the source may itself be warm-started: count the whole chain
+            earlier = json.loads(record.read_text())
+            chain = earlier.get("train_seconds", 0.0) + earlier.get("warm_start", {}).get("source_train_seconds", 0.0)
+            info["warm_start"] = summary["warm_start"] | {"source_train_seconds": chain}
     _write_training(args.out, info)
     print(f"wrote {args.out} from {run}")
     return 0

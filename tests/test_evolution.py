@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -122,6 +123,19 @@ def test_retrieval_tasks_score_the_answer():
     assert 0 < r["score"] <= r["prob"] <= 1 and r["accuracy"] in (0.0, 0.5, 1.0)  # geometric mean <= arithmetic mean
 
 
+def test_a_task_the_backbone_cannot_do_is_refused():
+    """Its full-cache score is ~0, so the ratio would be noise that evolution chases."""
+    from memzoo.training.evolution import namm_fitness
+
+    torch.manual_seed(0)
+    full = memzoo.build("full", d_model=32, n_layers=1, n_heads=2)
+    namm = memzoo.swap_memory(full, "namm", budget=64, evict_every=32)
+    task = make_task("passkey", 2, 300, seed=0)
+    evaluate = namm_fitness(namm, full, {"passkey": task}, segment_len=64, min_full_score=1.0)  # nothing reaches 1.0
+    with pytest.raises(ValueError, match="cannot do the task"):
+        evaluate(np.zeros(namm_parameter_count()), ["passkey"])
+
+
 def test_shipped_evolve_configs_load():
     configs = sorted((REPO / "recipes" / "configs" / "evolve").glob("*.yaml"))
     assert configs
@@ -142,7 +156,7 @@ def test_evolve_namm_end_to_end_tiny(tmp_path):
         "name": "tiny",
         "backbone": [str(tmp_path / "missing"), str(tmp_path / "backbone")],
         "memory": {"budget": 64, "evict_every": 32},
-        "tasks": {"n_prompts": 2, "n_tokens": 300, "seed": 0, "segment_len": 64},
+        "tasks": {"n_prompts": 2, "n_tokens": 300, "seed": 0, "segment_len": 64, "min_full_score": 0.0},  # untrained: ~0
         "evolution": {"popsize": 4, "sigma0": 0.065, "generations": 2,
                       "curriculum": [{"task": "passkey", "from_generation": 0}, {"task": "book", "from_generation": 1}]},
         "out": str(tmp_path / "run"),

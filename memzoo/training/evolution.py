@@ -329,7 +329,23 @@ class Evolution:
 
 
 # ------------------------------------------------------------------------------------ NAMM fitness
-def namm_fitness(namm_model, full_model, tasks: dict, segment_len: int = 128, full_scores: dict | None = None) -> Evaluate:
+#: below this full-cache score a task's ratio is noise (a measured case: a passkey backbone scored
+#: 2e-6 on the book task, and evolution maximised ratios of 80 there while passkey fell to 0.002)
+MIN_FULL_SCORE = 1e-3
+
+
+def _check_informative(name: str, full_score: float, min_full_score: float) -> None:
+    if full_score < min_full_score:
+        raise ValueError(
+            f"the backbone scores {full_score:.2g} on task {name!r} with a full cache (< {min_full_score:g}): it cannot do "
+            "the task, so score(NAMM) / score(full) there is noise that evolution would chase; "
+            "drop the task from evolution.curriculum or use a backbone trained on it"
+        )
+
+
+def namm_fitness(
+    namm_model, full_model, tasks: dict, segment_len: int = 128, full_scores: dict | None = None, min_full_score: float = MIN_FULL_SCORE
+) -> Evaluate:
     """The NAMM fitness: mean over the active tasks of score(NAMM) / score(full cache), same prompts.
 
     Args:
@@ -339,6 +355,8 @@ def namm_fitness(namm_model, full_model, tasks: dict, segment_len: int = 128, fu
         segment_len: tokens per forward call while streaming.
         full_scores: ``{name: score_answers result}`` of the full cache, if known; missing ones are
             computed on first use and kept (``evaluate.full_scores``).
+        min_full_score: a task whose full-cache score is below this raises ValueError (its ratio
+            would be noise, see :data:`MIN_FULL_SCORE`).
 
     Returns:
         ``evaluate(vector, task_names) -> (fitness, {task: {"ratio", "score", "accuracy", "prob"}})``.
@@ -354,6 +372,7 @@ def namm_fitness(namm_model, full_model, tasks: dict, segment_len: int = 128, fu
         for name in names:
             if name not in cache:
                 cache[name] = score_answers(full_model, tasks[name], segment_len)
+            _check_informative(name, cache[name]["score"], min_full_score)
             r = score_answers(namm_model, tasks[name], segment_len)
             details[name] = {"ratio": r["score"] / cache[name]["score"], "score": r["score"], "accuracy": r["accuracy"], "prob": r["prob"]}
         return float(np.mean([d["ratio"] for d in details.values()])), details
@@ -370,7 +389,8 @@ def load_evolve_config(path: str | Path) -> dict:
     """Read and check an evolution YAML (``recipes/configs/evolve/namm.yaml``).
 
     Sections: ``backbone`` (checkpoint folders, the first that exists is used), ``memory`` (``budget``,
-    ``evict_every``), ``tasks`` (``n_prompts``, ``n_tokens``, ``seed``, ``segment_len``), ``evolution``
+    ``evict_every``), ``tasks`` (``n_prompts``, ``n_tokens``, ``seed``, ``segment_len``, optional
+    ``min_full_score``), ``evolution``
     (fields of :class:`EvolutionConfig`), ``out`` (run folder), ``scorer_out``, ``checkpoint_out``.
     """
     import yaml
@@ -442,7 +462,13 @@ def evolve_namm(
     names = sorted({c["task"] for c in evo_cfg.curriculum}, key=[c["task"] for c in evo_cfg.curriculum].index)
     from ..memories.namm import namm_parameters
 
-    fitness = namm_fitness(namm, full, _task_sets(config, names), segment_len=config["tasks"].get("segment_len", 128))
+    fitness = namm_fitness(
+        namm,
+        full,
+        _task_sets(config, names),
+        segment_len=config["tasks"].get("segment_len", 128),
+        min_full_score=config["tasks"].get("min_full_score", MIN_FULL_SCORE),
+    )
     if not resume and out.exists():
         shutil.rmtree(out / "state", ignore_errors=True)
         (out / "log.jsonl").unlink(missing_ok=True)

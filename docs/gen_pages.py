@@ -414,6 +414,46 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _accuracy_at_longest(valid: list) -> str:
+    """Accuracy per needle depth at the longest length any design reached (the headline: 1M)."""
+    longest = max((c["length"] for _, _, r in valid for c in r["cells"]), default=None)
+    if longest is None:
+        return ""
+    depths = sorted({c["depth"] for _, _, r in valid for c in r["cells"] if c["length"] == longest})
+    rows = []
+    for _, label, r in sorted(valid, key=lambda t: t[1]):
+        cells = {c["depth"]: c for c in r["cells"] if c["length"] == longest}
+        row = [f"{cells[d]['correct']}/{cells[d]['n']}" if d in cells else "not run" for d in depths]
+        rows.append([f"`{label}`", *row])
+    from memzoo.plots import format_length
+
+    return (
+        f"#### At {format_length(longest)} tokens, per needle depth\n\n"
+        "Correct keys out of those tried, per depth (0 = needle right after the introduction, 1 = right before the "
+        "question); \"not run\" where a design stops earlier (`full` keeps every token).\n\n"
+        + table(["design", *[f"depth {d:g}" for d in depths]], rows)
+    )
+
+
+def _bounded_memory_check(valid: list) -> str:
+    """The target "peak memory at 1M within 10% of that at 16K", per design that reached 1M."""
+    rows = []
+    for _, label, r in sorted(valid, key=lambda t: t[1]):
+        peak = _per_length(r, "peak_rss_mb", max)
+        small, large = peak.get(16 * 1024), peak.get(1024 * 1024)
+        if small and large:
+            ratio = large / small
+            rows.append([f"`{label}`", f"{small:,.0f} MB", f"{large:,.0f} MB", f"{ratio:.2f}", "yes" if ratio <= 1.10 else "**no**"])
+    if not rows:
+        return ""
+    return (
+        "#### Bounded memory: peak resident memory at 1M against 16K\n\n"
+        "The target is at most 1.10. Peak RSS is the evaluation process's high-water mark (model, state, the prompt "
+        "tokens and Python), so it is an upper bound on what the design itself needs.\n\n"
+        + table(["design", "peak at 16K", "peak at 1M", "ratio", "within 10%"], rows)
+    )
+
+
 def _per_length(results: dict, key: str, reduce=_mean) -> dict[int, float]:
     by_length: dict[int, list] = {}
     for c in results.get("cells", []):
@@ -503,6 +543,7 @@ def passkey_section() -> str:
         f"Exact match of the key in the greedy continuation; {', '.join(map(str, n_keys))} keys per cell, so one "
         "cell's accuracy moves in steps of 1/keys: read small differences as noise.\n\n" + grid_table("accuracy", lambda v: f"{v:.2f}")
     )
+    parts.append(_accuracy_at_longest(valid))
     passkey_comparison([r for _, _, r in valid], FIG / "passkey_accuracy_vs_length.png")
     parts.append("![passkey accuracy against prompt length](generated/figures/passkey_accuracy_vs_length.png)")
 
@@ -531,6 +572,7 @@ def passkey_section() -> str:
     )
     parts.append("![state bytes against prompt length](generated/figures/passkey_state_bytes.png)")
     parts.append("### Peak resident memory of the evaluation process\n\n" + grid_table("peak_rss_mb", lambda v: f"{v:,.0f} MB", max))
+    parts.append(_bounded_memory_check(valid))
 
     cmds = []
     for path, label, r in sorted(valid, key=lambda t: t[1]):

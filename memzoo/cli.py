@@ -137,7 +137,7 @@ def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace, leng
     earlier = json.loads(out_json.read_text())
     if earlier.get("weights_sha256") != weights or earlier.get("seed") != args.seed:
         return [], []
-    cells = earlier.get("cells", [])
+    cells = [c for c in earlier.get("cells", []) if "prompt_tokens" in c]  # older files counted the prompt alone
 
     def finished(n: int) -> bool:
         mine = [c for c in cells if c["length"] == n and c["n"] == args.n_keys]

@@ -21,22 +21,24 @@ NOT_RECIPES = {"evolve", "bench"}
 CONFIGS = sorted(p for p in (REPO / "recipes" / "configs").rglob("*.yaml") if p.parent.name not in NOT_RECIPES)
 
 
-@pytest.mark.parametrize("name", ["full", "window"])
+@pytest.mark.parametrize("name", ["full", "window", "infini", "titans-mac"])
 def test_shared_prefix_evaluation_equals_prompt_by_prompt(name):
     """Streaming the filler once and branching per key gives each prompt's own greedy answer."""
     torch.manual_seed(0)
-    overrides = dict(budget=64, evict_every=32) if name == "window" else {}
-    model = memzoo.build(name, d_model=32, n_layers=2, n_heads=2, **overrides).eval()
+    overrides = {"window": dict(budget=64, evict_every=32), "infini": dict(segment_len=64), "titans-mac": dict(segment_len=64)}
+    model = memzoo.build(name, d_model=32, n_layers=2, n_heads=2, **overrides.get(name, {})).eval()
     tok = memzoo.tokenizer()
-    results = evaluate_passkey(model, lengths=[300], depths=[0.0, 0.6, 1.0], n_keys=2, seed=3, segment_len=50, progress=False)
+    results = evaluate_passkey(model, lengths=[320], depths=[0.0, 0.6, 1.0], n_keys=2, seed=3, segment_len=50, progress=False)
     generator = torch.Generator().manual_seed(3)
     keys = [random_key(generator) for _ in range(2)]
     for cell in results["cells"]:
         assert cell["keys"] == keys and cell["n"] == 2
+        # the length counts the answer too: a 313-token prompt and 7 generated tokens
+        assert cell["prompt_tokens"] == 313
         for key, text in zip(keys, cell["generations"]):
-            ids = make_sample(300, cell["depth"], key, tok).input_ids[None]
+            ids = make_sample(313, cell["depth"], key, tok).input_ids[None]
             alone = model.generate(ids, max_new_tokens=7, segment_len=50)
-            assert tok.decode(alone[0, 300:], skip_special_tokens=True) == text
+            assert tok.decode(alone[0, 313:], skip_special_tokens=True) == text
 
 
 def test_parse_length():

@@ -60,7 +60,8 @@ def evaluate_passkey(
 
     Args:
         model: a :class:`~memzoo.MemZooForCausalLM` (put in eval mode).
-        lengths: prompt lengths in tokens.
+        lengths: sequence lengths in tokens: prompt + ``max_new_tokens`` (the prompt has
+            ``length - max_new_tokens`` tokens, so the answer ends at ``length``).
         depths: needle depths in [0, 1].
         n_keys: keys per cell (the same keys in every cell, drawn from ``seed``).
         seed: seeds the keys.
@@ -83,7 +84,13 @@ def evaluate_passkey(
     device = next(model.parameters()).device
     cells = []
     for length in lengths:
-        samples = {d: [make_sample(length, d, k, tok) for k in keys] for d in depths}
+        # ``length`` counts every token the model sees, answer included, as in training: the prompt
+        # leaves room for the answer. (With prompts of exactly 1K, 4K, ... tokens, a multiple of
+        # every segment length, a segment-based design, Infini or Titans-MAC, would generate the
+        # whole answer in a fresh segment, from memory alone, in every cell: an artefact of the
+        # grid, not the case of a prompt of arbitrary length.)
+        prompt_tokens = length - max_new_tokens
+        samples = {d: [make_sample(prompt_tokens, d, k, tok) for k in keys] for d in depths}
         # The shared part of each depth's prompts: everything before the needle's line (the
         # newline before the needle is left out, so that a shallower prefix is a prefix of a deeper one).
         prefixes = {d: s[0].input_ids[: max(0, s[0].needle_span[0] - 1)] for d, s in samples.items()}
@@ -109,6 +116,7 @@ def evaluate_passkey(
             seconds = time.perf_counter() - start_time
             cell = {
                 "length": length,
+                "prompt_tokens": prompt_tokens,
                 "depth": d,
                 "accuracy": sum(hits) / len(hits),
                 "correct": sum(hits),

@@ -44,6 +44,13 @@ def accuracy_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _length_phrase(results: dict) -> str:
+    first = results["cells"][0]
+    if "prompt_tokens" not in first:
+        return ""
+    return f"a length counts the prompt and the {first['length'] - first['prompt_tokens']} generated tokens; "
+
+
 def _books_phrase(results: dict) -> str:
     data = results.get("data", {})
     if data.get("source") == "synthetic":
@@ -171,8 +178,9 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
         ]
     elif results:
         lines += [
-            f"Correct answers out of {results['n_keys']} keys per cell, greedy decoding; measured with "
-            f"`memzoo passkey eval --checkpoint checkpoints/{checkpoint.name}` (results: `{results_path}`"
+            f"Correct answers out of {results['n_keys']} keys per cell, greedy decoding; {_length_phrase(results)}measured with "
+            + "; ".join(f"`{c}`" for c in results.get("commands", [f"memzoo passkey eval --checkpoint checkpoints/{checkpoint.name}"]))
+            + f" (results: `{results_path}`"
             + ("" if results.get("complete", True) else ", **incomplete: the run was cut short**")
             + ").",
             "",

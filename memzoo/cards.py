@@ -192,6 +192,12 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
         correct = sum(c["correct"] for c in results["cells"])
         if correct == 0:
             lines += ["", "**This checkpoint did not learn to retrieve the key: no cell has a correct answer.**"]
+        elif {c["depth"] for c in results["cells"] if c["correct"]} == {1.0}:
+            lines += [
+                "",
+                "**Correct only at depth 1** (the needle right before the question, within local context): "
+                "it has not learned to retrieve a needle that only its memory could carry.",
+            ]
     else:
         lines.append("Not measured yet.")
     path = checkpoint / "README.md"

@@ -177,3 +177,17 @@ def test_card_reports_the_warm_start_and_the_total_time():
     assert "23 tensors from `checkpoints/passkey-full`" in line and "30.0 min, 40.0 min in all" in line
     assert "3 tensors started fresh" in line
     assert _warm_start_lines({"train_seconds": 1.0}) == []
+
+
+def test_card_says_when_only_depth_one_is_answered(tmp_path):
+    from memzoo.cards import write_card
+
+    memzoo.build("window", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).save_pretrained(tmp_path / "ck")
+    cell = dict(length=1024, prompt_tokens=1017, n=2, tokens_per_s=1, state_bytes=8)
+    results = {"design": "window", "n_keys": 2, "cells": [cell | dict(depth=0.0, correct=0), cell | dict(depth=1.0, correct=2)]}
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    card = write_card(tmp_path / "ck", tmp_path / "r.json").read_text()
+    assert "Correct only at depth 1" in card and "7 generated tokens" in card
+    results["cells"][0]["correct"] = 1
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert "Correct only at depth 1" not in write_card(tmp_path / "ck", tmp_path / "r.json").read_text()

@@ -149,6 +149,8 @@ def evaluate_passkey(
 def describe_keys(cells: Sequence[dict]) -> dict:
     """``n_keys`` (an int when every cell has as many keys, else e.g. ``"3 (1K-64K), 1 (256K-1M)"``)
     and ``keys_per_length`` ({length: keys}) of a grid whose long lengths may have fewer keys."""
+    from ..plots import format_length  # the one spelling of "4K" / "1M" (plots pulls matplotlib: import late)
+
     per_length = {c["length"]: c["n"] for c in sorted(cells, key=lambda c: c["length"])}
     counts = sorted(set(per_length.values()), reverse=True)
     if len(counts) <= 1:
@@ -156,17 +158,10 @@ def describe_keys(cells: Sequence[dict]) -> dict:
 
     def span(n: int) -> str:
         mine = [length for length, k in per_length.items() if k == n]
-        a, b = _short(mine[0]), _short(mine[-1])
+        a, b = format_length(mine[0]), format_length(mine[-1])
         return a if a == b else f"{a}-{b}"
 
     return {"n_keys": ", ".join(f"{n} ({span(n)})" for n in counts), "keys_per_length": per_length}
-
-
-def _short(n: int) -> str:
-    for unit, scale in (("M", 1024**2), ("K", 1024)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
 
 
 def save_results(results: dict, path: str | Path) -> Path:

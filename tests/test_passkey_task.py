@@ -154,14 +154,21 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         prompt, answer = text[:-6], text[-6:]
         assert prompt.endswith(LANDMARK_QUESTION) and score(answer, int(answer))
         key = answer.strip()
-        # Weight 1 on predicting the needle's second key copy and the answer (space + digits).
-        assert tok.decode(labels[row][weights[row] == 1.0]) == key + " " + key
-        rest = weights[row][(weights[row] != 1.0)]
-        assert torch.allclose(rest[:-1], torch.tensor(0.2)) and rest[-1] == 0
         # The logged metrics: the answer's digits and the needle's key copy, as label masks.
         masks = batch["metric_masks"]
         assert tok.decode(labels[row][masks["answer"][row]]) == key
         assert tok.decode(labels[row][masks["copy"][row]]) == key
+        # Group weights (FINDINGS): 1 on the key copy, 1 on the answer (space + digits), 0.2 on
+        # the rest, each spread evenly over its group's tokens.
+        copy, w = masks["copy"][row], weights[row]
+        answer = torch.zeros_like(copy)
+        answer[-7:-1] = True  # predicting " " + 5 digits
+        assert tok.decode(labels[row][answer]) == " " + key
+        rest = ~(copy | answer)
+        rest[-1] = False
+        assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 6))
+        assert torch.allclose(w[rest], 0.2 / rest.sum().float())
+        assert w.sum().item() == pytest.approx(2.2)
 
 
 def test_training_batch_options(tok):
@@ -175,8 +182,13 @@ def test_training_batch_options(tok):
         assert "pass key.\n\n" + LANDMARK_QUESTION in tok.decode(near["input_ids"][row])
         assert LANDMARK_INTRO + "\n\nThe pass key" in tok.decode(fixed["input_ids"][row])
     custom = make_training_batch(1, 300, tok, generator=5, answer_weight=3.0, copy_weight=2.0, other_weight=0.0)
-    assert sorted(set(custom["loss_weights"][0].tolist())) == [0.0, 2.0, 3.0]
-    assert (custom["loss_weights"][0] == 3.0).sum() == 6 and (custom["loss_weights"][0] == 2.0).sum() == 5
+    w = custom["loss_weights"][0]
+    assert sorted(set(w.tolist())) == pytest.approx([0.0, 2.0 / 5, 3.0 / 6])
+    assert torch.isclose(w, torch.tensor(3.0 / 6)).sum() == 6 and torch.isclose(w, torch.tensor(2.0 / 5)).sum() == 5
+    # A group's weight does not depend on the prompt length: the answer keeps its share.
+    longer = make_training_batch(1, 900, tok, generator=5)
+    assert longer["loss_weights"][0].sum().item() == pytest.approx(2.2)
+    assert longer["loss_weights"][0, -7:-1].sum().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="answer.*too small"):
         make_training_batch(1, min_length(12345), tok, generator=0)
 

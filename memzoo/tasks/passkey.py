@@ -358,9 +358,13 @@ def make_training_batch(
     causal model. The default weights are the ones that made a tiny model learn the task
     (docs FINDINGS): without the copy term nothing was learned.
 
-    A weighted loss is then ``(ce * loss_weights).sum() / loss_weights.sum()`` with
-    ``ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-    ignore_index=-100).view(b, n)``.
+    Each weight belongs to a *group* of predictions (the answer, the key copy, the rest) and is
+    spread evenly over that group's tokens in the row, so the loss
+    ``(ce * loss_weights).sum() / loss_weights.sum()`` (with ``ce = F.cross_entropy(...,
+    reduction="none", ignore_index=-100).view(b, n)``) is the weighted mean of the three groups'
+    mean cross-entropies, whatever the prompt length. Weighting tokens one by one instead would
+    give the 5 answer digits of a 2048-token prompt about 1% of the loss, and the answer would
+    barely be trained once the filler is learned.
 
     Args:
         batch_size: b.
@@ -372,14 +376,15 @@ def make_training_batch(
             exactly 1.0, needle right before the question: a continuous uniform draw never
             produces that case, and it is the one a model trained without it fails.
         digits: digits per key.
-        answer_weight: weight of predicting the answer tokens (space and digits).
-        copy_weight: weight of predicting the needle's second copy of the key.
-        other_weight: weight of every other prediction.
+        answer_weight: weight of predicting the answer tokens (space and digits), as a group.
+        copy_weight: weight of predicting the needle's second copy of the key, as a group.
+        other_weight: weight of every other prediction, as a group.
 
     Returns:
         ``input_ids: [b, n]`` int64; ``labels: [b, n]`` int64 with ``labels[:, t]`` the token
         that follows ``input_ids[:, t]`` (-100 at the last position and on padding);
-        ``loss_weights: [b, n]`` float32 aligned with ``labels`` (0 where the label is -100);
+        ``loss_weights: [b, n]`` float32 aligned with ``labels`` (0 where the label is -100;
+        a row's weights sum to ``answer_weight + copy_weight + other_weight``);
         ``metric_masks``: ``{"answer": [b, n], "copy": [b, n]}`` bool, the predictions of the
         answer's digits and of the needle's key copy (the trainer logs their mean cross-entropy:
         ln 10 = 2.30 nats is chance, the model has not found the key yet).
@@ -413,12 +418,16 @@ def make_training_batch(
         m, p = len(seq), len(sample.input_ids)
         input_ids[row, :m] = seq
         labels[row, : m - 1] = seq[1:]
-        weights[row, : m - 1] = other_weight
         # Target j is predicted at position j - 1.
         start, end = sample.key_copy_span
-        weights[row, start - 1 : end - 1] = copy_weight
-        weights[row, p - 1 : m - 1] = answer_weight
         key_copy[row, start - 1 : end - 1] = True
+        answer = torch.zeros(n_tokens, dtype=torch.bool)
+        answer[p - 1 : m - 1] = True
+        other = torch.zeros(n_tokens, dtype=torch.bool)
+        other[: m - 1] = True
+        other &= ~(answer | key_copy[row])
+        for group, weight in ((other, other_weight), (key_copy[row], copy_weight), (answer, answer_weight)):
+            weights[row, group] = weight / group.sum()
         answer_digits[row, p : m - 1] = True  # the answer after its leading space: the digits
     return {
         "input_ids": input_ids,

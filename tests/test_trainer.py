@@ -175,3 +175,20 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     trainer = Trainer(make("full"), config(steps=2, max_minutes=5), random_batches(), out_dir=tmp_path)
     trainer.fit(progress=False)
     assert trainer.step == 2
+
+
+def test_divergence_stops_before_the_weights_turn_nan(tmp_path):
+    good = random_batches()
+
+    def batch_fn(step: int, generator: torch.Generator) -> dict:
+        batch = good(step, generator)
+        if step == 2:  # the third step's loss is NaN
+            batch["loss_weights"][0, 0] = float("nan")
+        return batch
+
+    model = make(budget=8, evict_every=4)
+    trainer = Trainer(model, config(save_every=1), batch_fn, out_dir=tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="diverged at step 3.*lower train.lr"):
+        trainer.fit(progress=False)
+    assert trainer.step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["step"] == 2

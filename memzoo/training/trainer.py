@@ -212,6 +212,14 @@ class Trainer:
         grad_norm = float("nan")
         if cfg.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not math.isfinite(loss_sum) or (cfg.grad_clip and not math.isfinite(grad_norm)):
+            # Stop before the optimiser writes NaN into the weights: every later step would be NaN
+            # too, and a NaN model would be saved over the last good checkpoint.
+            raise FloatingPointError(
+                f"training diverged at step {self.step + 1}: loss {loss_sum}, gradient norm {grad_norm}. "
+                "The weights are left as they were after the previous step (and the last saved checkpoint "
+                "is intact): lower train.lr, or train.grad_clip, and resume or restart"
+            )
         self.optimizer.step()
         self.step += 1
         metrics = {

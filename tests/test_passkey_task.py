@@ -57,7 +57,7 @@ def test_prompt_is_the_landmark_template(tok):
     # Both filler parts are prefixes of the same stream, cut per character (here mid-sentence).
     assert stream.startswith(before) and stream.startswith(after)
     assert not before.endswith(".") and abs(len(before) - len(after)) <= 1
-    assert sample.answer == " 12345" and sample.key == 12345 and sample.depth == 0.5
+    assert sample.answer == " 12345." and sample.key == 12345 and sample.depth == 0.5
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.29, 1.0])  # int(0.29 * 100) == 28, round gives 29
@@ -151,22 +151,22 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
     assert (weights[:, -1] == 0).all()
     for row in range(4):
         text = tok.decode(ids[row])
-        prompt, answer = text[:-6], text[-6:]
-        assert prompt.endswith(LANDMARK_QUESTION) and score(answer, int(answer))
-        key = answer.strip()
+        prompt, answer = text[:-7], text[-7:]
+        key = answer.strip(" .")
+        assert prompt.endswith(LANDMARK_QUESTION) and answer == f" {key}." and score(answer, int(key))
         # The logged metrics: the answer's digits and the needle's key copy, as label masks.
         masks = batch["metric_masks"]
         assert tok.decode(labels[row][masks["answer"][row]]) == key
         assert tok.decode(labels[row][masks["copy"][row]]) == key
-        # Group weights (FINDINGS): 1 on the key copy, 1 on the answer (space + digits), 0.2 on
-        # the rest, each spread evenly over its group's tokens.
+        # Group weights (FINDINGS): 1 on the key copy, 1 on the answer (space + digits + full
+        # stop), 0.2 on the rest, each spread evenly over its group's tokens.
         copy, w = masks["copy"][row], weights[row]
         answer = torch.zeros_like(copy)
-        answer[-7:-1] = True  # predicting " " + 5 digits
-        assert tok.decode(labels[row][answer]) == " " + key
+        answer[-8:-1] = True  # predicting " " + 5 digits + "."
+        assert tok.decode(labels[row][answer]) == f" {key}."
         rest = ~(copy | answer)
         rest[-1] = False
-        assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 6))
+        assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 7))
         assert torch.allclose(w[rest], 0.2 / rest.sum().float())
         assert w.sum().item() == pytest.approx(2.2)
 
@@ -183,12 +183,12 @@ def test_training_batch_options(tok):
         assert LANDMARK_INTRO + "\n\nThe pass key" in tok.decode(fixed["input_ids"][row])
     custom = make_training_batch(1, 300, tok, generator=5, answer_weight=3.0, copy_weight=2.0, other_weight=0.0)
     w = custom["loss_weights"][0]
-    assert sorted(set(w.tolist())) == pytest.approx([0.0, 2.0 / 5, 3.0 / 6])
-    assert torch.isclose(w, torch.tensor(3.0 / 6)).sum() == 6 and torch.isclose(w, torch.tensor(2.0 / 5)).sum() == 5
+    assert sorted(set(w.tolist())) == pytest.approx([0.0, 2.0 / 5, 3.0 / 7])
+    assert torch.isclose(w, torch.tensor(3.0 / 7)).sum() == 7 and torch.isclose(w, torch.tensor(2.0 / 5)).sum() == 5
     # A group's weight does not depend on the prompt length: the answer keeps its share.
     longer = make_training_batch(1, 900, tok, generator=5)
     assert longer["loss_weights"][0].sum().item() == pytest.approx(2.2)
-    assert longer["loss_weights"][0, -7:-1].sum().item() == pytest.approx(1.0)
+    assert longer["loss_weights"][0, -8:-1].sum().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="answer.*too small"):
         make_training_batch(1, min_length(12345), tok, generator=0)
 

@@ -13,8 +13,11 @@ The filler is ``FILLER`` repeated, repetitions joined by one space, and *both* f
 prefixes of that same stream, cut at character granularity (mid-sentence if need be), exactly as
 Landmark's ``garbage_inf[:n]``. An empty filler part leaves an empty line, as in Landmark.
 
-The model should continue the prompt with ``ANSWER_TEMPLATE`` (``" 12345"``) and is scored by
-:func:`score`: the first integer in its generated text must equal the key.
+The model should continue the prompt with ``ANSWER_TEMPLATE`` (``" 12345."``) and is scored by
+:func:`score`: the first integer in its generated text must equal the key. The trained answer
+ends with a full stop, as the needle's sentence does: a model never shown where the answer ends
+goes on writing digits after the key (measured: " 683399" for 68239), and a sixth digit makes the
+first integer wrong however well the key was recalled.
 
 Token counts: with a byte-level tokenizer (``memzoo.tokenizer()``, ByT5 style, byte b -> b + 3)
 one character is one token, so a prompt has exactly the requested number of tokens and ids are
@@ -57,7 +60,7 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE_TEMPLATE = "The pass key is {k}. Remember it. {k} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-ANSWER_TEMPLATE = " {k}"  # what follows QUESTION: a space, then the key's digits
+ANSWER_TEMPLATE = " {k}."  # what follows QUESTION: a space, the key's digits, a full stop
 
 # The needle split around its two copies of the key, so their character offsets are known.
 _NEEDLE_HEAD, _NEEDLE_MID, _ = NEEDLE_TEMPLATE.split("{k}")
@@ -376,7 +379,7 @@ def make_training_batch(
             exactly 1.0, needle right before the question: a continuous uniform draw never
             produces that case, and it is the one a model trained without it fails.
         digits: digits per key.
-        answer_weight: weight of predicting the answer tokens (space and digits), as a group.
+        answer_weight: weight of predicting the answer tokens (space, digits, full stop), as a group.
         copy_weight: weight of predicting the needle's second copy of the key, as a group.
         other_weight: weight of every other prediction, as a group.
 
@@ -407,7 +410,10 @@ def make_training_batch(
             row_depth = depth
         else:
             row_depth = 1.0 if near_end < needle_near_end_prob else uniform
-        answer = _encode(ANSWER_TEMPLATE.format(k=key), tokenizer, offset)
+        # Encoded in two parts so that the digits' predictions are known with any tokenizer.
+        before, end_text = ANSWER_TEMPLATE.format(k=key).rsplit(str(key), 1)
+        head = _encode(before + str(key), tokenizer, offset)
+        answer = torch.cat([head, _encode(end_text, tokenizer, offset)])
         try:
             sample = make_sample(n_tokens - len(answer), row_depth, key, tokenizer)
         except ValueError as error:
@@ -428,7 +434,7 @@ def make_training_batch(
         other &= ~(answer | key_copy[row])
         for group, weight in ((other, other_weight), (key_copy[row], copy_weight), (answer, answer_weight)):
             weights[row, group] = weight / group.sum()
-        answer_digits[row, p : m - 1] = True  # the answer after its leading space: the digits
+        answer_digits[row, p : p + len(head) - 1] = True  # the answer after its leading space: the digits
     return {
         "input_ids": input_ids,
         "labels": labels,

@@ -427,12 +427,12 @@ def make_training_batch(
         # Target j is predicted at position j - 1.
         start, end = sample.key_copy_span
         key_copy[row, start - 1 : end - 1] = True
-        answer = torch.zeros(n_tokens, dtype=torch.bool)
-        answer[p - 1 : m - 1] = True
+        answer_mask = torch.zeros(n_tokens, dtype=torch.bool)
+        answer_mask[p - 1 : m - 1] = True
         other = torch.zeros(n_tokens, dtype=torch.bool)
         other[: m - 1] = True
-        other &= ~(answer | key_copy[row])
-        for group, weight in ((other, other_weight), (key_copy[row], copy_weight), (answer, answer_weight)):
+        other &= ~(answer_mask | key_copy[row])
+        for group, weight in ((other, other_weight), (key_copy[row], copy_weight), (answer_mask, answer_weight)):
             weights[row, group] = weight / group.sum()
         answer_digits[row, p : p + len(head) - 1] = True  # the answer after its leading space: the digits
     return {

@@ -67,8 +67,8 @@ def evaluate_passkey(
         seed: seeds the keys.
         tokenizer: default ``memzoo.tokenizer()``.
         segment_len: tokens per forward call while streaming.
-        max_new_tokens: greedy tokens generated after the question (a 5-digit key needs 6 with the
-            leading space).
+        max_new_tokens: greedy tokens generated after the question (7: the trained answer
+            ``" 12345."``, a space, 5 digits and a full stop).
         progress: progress bars.
         on_cell: called with each finished cell's dict (e.g. to save partial results).
 

@@ -13,7 +13,17 @@ from pathlib import Path
 
 from .plots import format_length
 
-__all__ = ["write_card", "accuracy_table", "rouge_table"]
+
+def describe_curriculum(curriculum: list[dict]) -> str:
+    """``"256 tokens x 32, then 384 tokens x 24 alternating with 768 tokens x 12"`` (see training.recipe)."""
+    def shape(entry: dict) -> str:
+        return f"{entry['n_tokens']} tokens x {entry['batch_size']}"
+
+    return ", then ".join(
+        " alternating with ".join(shape(e) for e in stage["mix"]) if "mix" in stage else shape(stage) for stage in curriculum
+    )
+
+__all__ = ["write_card", "accuracy_table", "rouge_table", "describe_curriculum"]
 
 # What differs between tasks in a card: (tag, what it was trained for, its training data, the results heading).
 _TASKS = {
@@ -158,7 +168,7 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             f"- final training loss (weighted cross-entropy): {training['final_loss']:.4f}",
             f"- parameters: {training['parameters']:,}",
             f"- data: {data}, curriculum "
-            + ", ".join(f"{s['n_tokens']} tokens x {s['batch_size']}" for s in training.get("curriculum", [])),
+            + describe_curriculum(training.get("curriculum", [])),
         ]
         if training.get("notes"):
             lines += ["", training["notes"]]

@@ -191,3 +191,26 @@ def test_card_says_when_only_depth_one_is_answered(tmp_path):
     results["cells"][0]["correct"] = 1
     (tmp_path / "r.json").write_text(json.dumps(results))
     assert "Correct only at depth 1" not in write_card(tmp_path / "ck", tmp_path / "r.json").read_text()
+
+
+def test_a_mix_stage_trains_its_shapes_in_turn(tmp_path):
+    """A ``mix`` stage alternates its prompt shapes step by step; the card says so; bad stages raise."""
+    from memzoo.cards import describe_curriculum
+    from memzoo.training.recipe import make_batch_fn
+
+    curriculum = [
+        {"until": 0.5, "n_tokens": 320, "batch_size": 2},
+        {"until": 1.0, "mix": [{"n_tokens": 300, "batch_size": 3}, {"n_tokens": 400, "batch_size": 1}]},
+    ]
+    batch_fn = make_batch_fn({"name": "passkey", "curriculum": curriculum}, steps=8)
+    shapes = [tuple(batch_fn(step, step)["input_ids"].shape) for step in range(8)]
+    assert shapes == [(2, 320)] * 4 + [(3, 300), (1, 400), (3, 300), (1, 400)]
+    assert describe_curriculum(curriculum) == "320 tokens x 2, then 300 tokens x 3 alternating with 400 tokens x 1"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {memory: full}\ntrain: {steps: 2}\n"
+        "task: {name: passkey, curriculum: [{until: 1.0, mix: [{n_tokens: 300}]}]}\n"
+    )
+    with pytest.raises(ValueError, match="needs n_tokens and batch_size"):
+        load_recipe(bad)

@@ -8,7 +8,10 @@ A recipe has three sections::
     eval:    {lengths: [...], depths: [...], n_keys: 5}             # read by the task's evaluator
 
 Tasks make batches through a ``batch_fn(step, generator)``; a curriculum is a list of stages
-``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``.
+``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``. A stage may instead hold
+``mix: [{n_tokens: ..., batch_size: ...}, ...]``: its steps take those shapes in turn (step k the
+``k mod len(mix)``-th), so short and long prompts are trained side by side rather than one after
+the other, and a model moved on to long prompts does not forget the short ones.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..tokenizer import tokenizer as default_tokenizer
 from .trainer import BatchFn, TrainConfig, Trainer
 from .warm_start import warm_start
 
-__all__ = ["load_recipe", "make_batch_fn", "train_recipe", "TASKS"]
+__all__ = ["load_recipe", "make_batch_fn", "train_recipe", "check_curriculum", "TASKS"]
 
 SECTIONS = {"name", "model", "task", "train", "eval", "notes"}
 
@@ -51,15 +54,28 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown train option(s) {sorted(bad)}; valid: {sorted(valid_train)}")
     if recipe["task"].get("name") not in TASKS:
         raise ValueError(f"{path}: task.name must be one of {sorted(TASKS)}, got {recipe['task'].get('name')!r}")
+    check_curriculum(recipe["task"].get("curriculum") or [], str(path))
     recipe.setdefault("name", path.stem)
     return recipe
 
 
 def _stage(curriculum: list[dict], step: int, steps: int) -> dict:
+    """The ``{n_tokens, batch_size}`` of ``step``: its stage, or the stage's mix entry in turn."""
+    stage = next((s for s in curriculum if step < s["until"] * steps), curriculum[-1])
+    if "mix" in stage:
+        return stage["mix"][step % len(stage["mix"])]
+    return stage
+
+
+def check_curriculum(curriculum: list[dict], where: str) -> None:
+    """Raise with what to write if a curriculum stage is malformed."""
+    shape = "{until: fraction, n_tokens: N, batch_size: B} or {until: fraction, mix: [{n_tokens: N, batch_size: B}, ...]}"
     for stage in curriculum:
-        if step < stage["until"] * steps:
-            return stage
-    return curriculum[-1]
+        if not isinstance(stage, dict) or "until" not in stage:
+            raise ValueError(f"{where}: curriculum stage {stage!r} needs 'until'; write {shape}")
+        entries = stage.get("mix", [stage])
+        if not entries or not all(isinstance(e, dict) and {"n_tokens", "batch_size"} <= set(e) for e in entries):
+            raise ValueError(f"{where}: curriculum stage {stage!r} needs n_tokens and batch_size; write {shape}")
 
 
 def _passkey_batch_fn(task: dict, steps: int) -> BatchFn:

@@ -167,7 +167,8 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     todo = [n for n in lengths if n not in {c["length"] for c in kept}]
     if kept:
         print(f"{name}: keeping {len(kept)} cells of {out_json} (same weights and seed), evaluating lengths {todo}")
-    commands.append(_command_line(args))
+    if todo or not commands:  # a rerun that finds everything done measured nothing: not a command behind the results
+        commands.append(_command_line(args))
     header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "seed": args.seed, "commands": commands}
     partial: dict = {"cells": list(kept)}
 

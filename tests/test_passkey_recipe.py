@@ -110,6 +110,9 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     mixed = json.loads((tmp_path / "res" / "sinks.json").read_text())
     assert [c["length"] for c in mixed["cells"]] == [256, 256, 300, 300, 400, 400] and mixed["cells"][-1]["n"] == 1
     assert mixed["n_keys"] == "2 (256-300), 1 (400)" and mixed["keys_per_length"] == {"256": 2, "300": 2, "400": 1}
+    # A rerun with nothing left to evaluate keeps the cells and does not list itself as a command.
+    assert main(args[:7] + ["--n-keys", "1", "--lengths", "400"] + args[9:]) == 0
+    assert json.loads((tmp_path / "res" / "sinks.json").read_text())["commands"] == mixed["commands"]
     # ... but new weights at the same path start over.
     with torch.no_grad():
         model.embed.weight.add_(1.0)

@@ -13,9 +13,12 @@ from pathlib import Path
 
 from .plots import format_length
 
+__all__ = ["write_card", "accuracy_table", "rouge_table", "describe_curriculum"]
+
 
 def describe_curriculum(curriculum: list[dict]) -> str:
     """``"256 tokens x 32, then 384 tokens x 24 alternating with 768 tokens x 12"`` (see training.recipe)."""
+
     def shape(entry: dict) -> str:
         return f"{entry['n_tokens']} tokens x {entry['batch_size']}"
 
@@ -23,7 +26,6 @@ def describe_curriculum(curriculum: list[dict]) -> str:
         " alternating with ".join(shape(e) for e in stage["mix"]) if "mix" in stage else shape(stage) for stage in curriculum
     )
 
-__all__ = ["write_card", "accuracy_table", "rouge_table", "describe_curriculum"]
 
 # What differs between tasks in a card: (tag, what it was trained for, its training data, the results heading).
 _TASKS = {

@@ -5,6 +5,7 @@
     memzoo passkey compare            # evaluate the shipped checkpoints side by side (the main job)
     memzoo passkey train --config recipes/configs/passkey/infini.yaml --out runs/passkey-infini
     memzoo passkey eval --checkpoint checkpoints/passkey-infini --max-length 1M
+    memzoo passkey probe --checkpoint checkpoints/passkey-infini   # does the key reach the question? (seconds)
     memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
     memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
     memzoo namm evolve --config recipes/configs/evolve/namm.yaml   # CMA-ES for the NAMM scorer, then ship it
@@ -296,6 +297,25 @@ def _cmd_passkey_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_passkey_probe(args: argparse.Namespace) -> int:
+    import memzoo
+    from memzoo.plots import format_length
+    from memzoo.tasks.passkey_eval import probe_passkey, save_results
+
+    model = memzoo.load(args.checkpoint)
+    results = probe_passkey(model, lengths=_lengths(args), depths=args.depths, n_rows=args.rows, seed=args.seed,
+                            segment_len=args.segment_len, progress=not args.quiet)  # fmt: skip
+    chance = results["chance_ce"]
+    print(f"{results['design']}: answer cross-entropy (nats, chance {chance:.2f}) / exact, teacher-forced, {args.rows} rows per cell")
+    print(f"{'length':>7s} " + " ".join(f"{'depth ' + format(d, 'g'):>13s}" for d in args.depths))
+    for n in sorted({c["length"] for c in results["cells"]}):
+        row = {c["depth"]: c for c in results["cells"] if c["length"] == n}
+        print(f"{format_length(n):>7s} " + " ".join(f"{row[d]['answer_ce']:6.2f} / {row[d]['exact']:4.2f}" for d in args.depths))
+    if args.out:
+        print(f"wrote {save_results(results | {'checkpoint': str(args.checkpoint), 'command': _command_line(args)}, args.out)}")
+    return 0
+
+
 def _cmd_passkey_compare(args: argparse.Namespace) -> int:
     from memzoo.plots import passkey_comparison
 
@@ -573,6 +593,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     _add_eval_options(p, DEFAULT_LENGTHS, DEFAULT_DEPTHS, 5, "docs/results/passkey")
     p.set_defaults(func=_cmd_passkey_eval)
+
+    p = passkey.add_parser("probe", help="teacher-forced answer cross-entropy by length and depth: does the key reach the question?")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--lengths", nargs="+", default=["512", "1K", "4K"], help="row lengths, answer included (default 512 1K 4K)")
+    p.add_argument("--max-length", default=None, help="drop lengths above this")
+    p.add_argument("--depths", nargs="+", type=float, default=DEFAULT_DEPTHS, help="needle depths in [0, 1]")
+    p.add_argument("--rows", type=int, default=8, help="prompts (keys) per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_passkey_probe)
 
     p = passkey.add_parser("compare", help="evaluate several checkpoints side by side (default: checkpoints/passkey-*)")
     p.add_argument("--checkpoints", nargs="+", default=None)

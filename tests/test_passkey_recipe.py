@@ -10,8 +10,8 @@ import torch
 
 import memzoo
 from memzoo.cli import main
-from memzoo.tasks.passkey import make_sample, random_key
-from memzoo.tasks.passkey_eval import evaluate_passkey, parse_length
+from memzoo.tasks.passkey import make_sample, make_training_batch, random_key
+from memzoo.tasks.passkey_eval import CHANCE_CE, evaluate_passkey, parse_length, probe_passkey
 from memzoo.training.recipe import load_recipe, train_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +122,33 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     assert fresh["weights_sha256"] != again["weights_sha256"] and len(fresh["commands"]) == 1  # nothing carried over
 
 
+def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
+    """probe_passkey's answer cross-entropy, streamed in short calls, equals a one-call forward of
+    the same batch (split invariance; tolerance 1e-4 nats), and the CLI writes one cell per length x depth."""
+    torch.manual_seed(0)
+    model = memzoo.build("infini", d_model=32, n_layers=2, n_heads=2, segment_len=64).eval()
+    probe = probe_passkey(model, lengths=[300, 400], depths=[0.0, 1.0], n_rows=3, seed=5, segment_len=48, progress=False)
+    assert [(c["length"], c["depth"]) for c in probe["cells"]] == [(300, 0.0), (300, 1.0), (400, 0.0), (400, 1.0)]
+    assert probe["chance_ce"] == pytest.approx(CHANCE_CE, abs=1e-4)
+    tok = memzoo.tokenizer()
+    for cell in probe["cells"]:
+        batch = make_training_batch(3, cell["length"], tok, 5, depth=cell["depth"])
+        with torch.no_grad():
+            logits = model(batch["input_ids"]).logits
+        digits = batch["metric_masks"]["answer"]
+        ce = torch.nn.functional.cross_entropy(logits[digits], batch["labels"][digits])
+        assert cell["answer_ce"] == pytest.approx(float(ce), abs=1e-4)
+        right = logits.argmax(-1) == batch["labels"]
+        assert cell["digit_accuracy"] == pytest.approx(float(right[digits].float().mean()), abs=1e-4)
+        assert cell["exact"] == pytest.approx(float((right | ~digits).all(1).float().mean()), abs=1e-4)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "probe.json"
+    rc = main(["passkey", "probe", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "300", "--depths", "0", "0.5",
+               "--rows", "2", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    assert saved["design"] == "infini" and len(saved["cells"]) == 2 and "passkey probe" in saved["command"]
 
 
 def test_swap_memory_keeps_the_weights():

@@ -6,11 +6,16 @@ snapshot of the state at every needle position, and only the rest of each prompt
 question) is streamed per key, the keys of a cell side by side in one batch. Because every design
 is split invariant, this is exactly the computation of streaming each prompt on its own (the
 tests check it), at a fraction of the cost.
+
+:func:`probe_passkey` is the quick diagnosis beside the grid: the answer's teacher-forced
+cross-entropy by length and depth, which tells "the key never reaches the question" (ln 10 nats)
+from "almost" in seconds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tokenizer import tokenizer as default_tokenizer
-from .passkey import make_sample, random_key, score
+from .passkey import make_sample, make_training_batch, random_key, score
 
-__all__ = ["describe_keys", "evaluate_passkey", "parse_length", "save_results"]
+__all__ = ["CHANCE_CE", "describe_keys", "evaluate_passkey", "parse_length", "probe_passkey", "save_results"]
+
+#: answer cross-entropy of a model that knows nothing of the key: ln 10 nats per digit
+CHANCE_CE = math.log(10)
 
 
 def parse_length(text: str | int) -> int:
@@ -144,6 +152,71 @@ def evaluate_passkey(
         "seed": seed,
         "cells": cells,
     }
+
+
+@torch.no_grad()
+def probe_passkey(
+    model,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    n_rows: int = 8,
+    seed: int = 0,
+    tokenizer: Any = None,
+    segment_len: int = 2048,
+    progress: bool = True,
+) -> dict:
+    """Teacher-forced answer cross-entropy by length and depth: how much does the model know the key?
+
+    Greedy accuracy says only right or wrong. This gives the mean cross-entropy of the answer's
+    digits given the true earlier digits, on the training prompts (``make_training_batch`` at a fixed
+    depth), a few seconds per cell: :data:`CHANCE_CE` (ln 10 = 2.30 nats) means the key did not
+    reach the question at all (e.g. a memory that is never read), near 0 means it did. Rows are
+    streamed ``segment_len`` tokens per call up to the answer, then the answer's logits are read.
+
+    Args:
+        model: a :class:`~memzoo.MemZooForCausalLM`.
+        lengths: row lengths in tokens, answer included.
+        depths: needle depths in [0, 1].
+        n_rows: prompts per cell (one key each; the same keys in every cell, drawn from ``seed``).
+        seed: seeds the keys.
+        tokenizer: default ``memzoo.tokenizer()``.
+        segment_len: tokens per forward call while streaming.
+        progress: progress bar over cells.
+
+    Returns:
+        ``{"design", "chance_ce", "n_rows", "seed", "cells": [...]}``; each cell has ``length,
+        depth, answer_ce`` (mean over the rows' digits, nats), ``digit_accuracy`` (argmax equals
+        the digit) and ``exact`` (fraction of rows with every digit right).
+    """
+    tok = tokenizer or default_tokenizer()
+    model.eval()
+    device = next(model.parameters()).device
+    cells = []
+    bar = tqdm(total=len(lengths) * len(depths), desc="passkey probe", unit="cell", disable=not progress)
+    for length in lengths:
+        for depth in depths:
+            batch = make_training_batch(n_rows, length, tok, seed, depth=depth)
+            ids, labels, digits = batch["input_ids"].to(device), batch["labels"].to(device), batch["metric_masks"]["answer"].to(device)
+            first = int(digits.any(dim=0).nonzero()[0])  # the earliest answer prediction of any row
+            state = model.init_state(n_rows, device=device)
+            if first:
+                state = model.stream(ids[:, :first], segment_len, state=state).state
+            logits = model(ids[:, first:], state=state).logits.float()
+            labels, digits = labels[:, first:], digits[:, first:]
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none").view_as(labels)
+            right = logits.argmax(dim=-1) == labels
+            cells.append({
+                "length": length,
+                "depth": depth,
+                "answer_ce": round(float(ce[digits].mean()), 4),
+                "digit_accuracy": round(float(right[digits].float().mean()), 4),
+                "exact": round(float((right | ~digits).all(dim=1).float().mean()), 4),
+                "n": n_rows,
+            })  # fmt: skip
+            bar.update(1)
+    bar.close()
+    return {"design": model.config.memory, "chance_ce": round(CHANCE_CE, 4), "n_rows": n_rows, "seed": seed, "cells": cells}
 
 
 def describe_keys(cells: Sequence[dict]) -> dict:

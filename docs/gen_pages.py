@@ -10,7 +10,9 @@ Reads:
       that import (for the API pages);
     * ``docs/results/passkey/*.json`` (``memzoo passkey eval`` / ``compare``: the dict of
       ``memzoo.tasks.passkey_eval.evaluate_passkey`` plus ``checkpoint``, ``complete``,
-      ``parameters``), ``docs/results/booksum/*.json`` and any other ``docs/results/**/*.json``.
+      ``parameters``), ``docs/results/passkey-probe/*.json`` (``memzoo passkey probe``: the dict of
+      ``probe_passkey`` plus ``checkpoint`` and ``command``), ``docs/results/booksum/*.json`` and
+      any other ``docs/results/**/*.json``.
 
 Writes (all generated, ignored by git, see ``docs/.gitignore``):
     * ``docs/generated/*.md``: snippets included by the pages with ``--8<--``
@@ -592,6 +594,49 @@ def passkey_section() -> str:
     return "\n\n".join(parts)
 
 
+def passkey_probe_section() -> str:
+    """The teacher-forced probe (``memzoo passkey probe``, ``recipes/passkey_probe.sh``): how far each wrong answer is."""
+    from memzoo.plots import format_length
+
+    files, problems = load_json_files(RESULTS / "passkey-probe")
+    valid = [(path, r) for path, r in files if isinstance(r.get("cells"), list) and r["cells"] and "design" in r]
+    problems += [f"`{rel(path)}` has no `design`/`cells`: not a probe result; skipped." for path, r in files if (path, r) not in valid]
+    head = "### Does the key reach the question? (teacher-forced probe)"
+    if not valid:
+        return f"{head}\n\n{NOT_MEASURED} Run `OMP_NUM_THREADS=1 bash recipes/passkey_probe.sh` to write `docs/results/passkey-probe/`."
+    lengths = sorted({c["length"] for _, r in valid for c in r["cells"]})
+    chance = valid[0][1].get("chance_ce", math.log(10))
+    rows = []
+    for path, r in sorted(valid, key=lambda t: t[1]["design"]):
+        away = [_mean(c["answer_ce"] for c in r["cells"] if c["length"] == n and c["depth"] < 1) for n in lengths]
+        near = _mean(c["answer_ce"] for c in r["cells"] if c["depth"] == 1)
+        exact = _mean(c["exact"] for c in r["cells"] if c["depth"] < 1)
+        cells = ["—" if v is None else f"{v:.2f}" for v in [*away, near]]
+        cached = [c for c in r["cells"] if c["depth"] < 1 and "needle_kept" in c]
+        kept = [_mean(_mean(c["needle_kept"]) for c in cached if c["length"] == n) for n in lengths]
+        kept_text = " / ".join("—" if v is None else f"{v:.2f}" for v in kept) if any(v is not None for v in kept) else "not a cache"
+        link = f"[`{path.name}`](results/passkey-probe/{path.name})"
+        rows.append([f"`{r['design']}`", *cells, "—" if exact is None else f"{exact:.2f}", kept_text, link])
+    n_rows = sorted({str(r.get("n_rows")) for _, r in valid})
+    text = (
+        f"{head}\n\nThe answer's cross-entropy per digit (nats) given the true earlier digits, on training-style prompts "
+        f"({', '.join(n_rows)} per cell, `memzoo passkey probe`): where the greedy grid says only *wrong*, this says how "
+        f"wrong. **{chance:.2f} (ln 10) is chance**: the key never reached the question, e.g. a memory that is not read; "
+        "above it, the model is confidently wrong (it kept part of the needle, or a plausible other number); near 0 it knows "
+        "the key. Needle at depths 0-0.75 (mean), by length; then the needle right before the question (depth 1, mean over "
+        "lengths); then the exact-match rate at depths 0-0.75; then, for the KV-cache designs, the fraction of the "
+        "needle sentence's tokens still in the cache when the answer starts (mean over layers, heads, prompts and depths 0-0.75, "
+        f"at {' / '.join(format_length(n) for n in lengths)}): a policy that evicted the needle cannot answer, whatever the model.\n\n"
+    )
+    header = ["design", *[f"{format_length(n)}, depth < 1" for n in lengths], "depth 1", "exact, depth < 1", "needle in cache", "data"]
+    parts = [text + table(header, rows)]
+    commands = sorted({r.get("command", "") for _, r in valid} - {""})
+    if commands:
+        parts.append("```bash\n" + "\n".join(commands) + "\n```")
+    parts += [f"- {p}" for p in problems]
+    return "\n\n".join(parts)
+
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "overall")
 
 
@@ -694,7 +739,7 @@ def performance_section() -> str:
 
 
 def other_results_section() -> str:
-    known = {RESULTS / "passkey", RESULTS / "booksum"}
+    known = {RESULTS / "passkey", RESULTS / "passkey-probe", RESULTS / "booksum"}
     drawn = {RESULTS / "bench" / "bench.json"}  # performance_section()
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
@@ -717,6 +762,7 @@ def comparison_snippet(measured: dict) -> None:
     parts = [
         GENERATED_BY.format(what="`docs/results/**/*.json` and measured `state.nbytes()`"),
         passkey_section(),
+        passkey_probe_section(),
         booksum_section(),
         performance_section(),
         "## State size against context length (measured)\n\n"

@@ -2,7 +2,7 @@
 # The passkey grid behind docs/results/passkey: every length x 5 depths for each shipped checkpoint
 # named on the command line (default: all), appended to docs/results/passkey/<design>.json.
 # Keys per cell shrink with length so the grid fits a CPU session: 3 keys up to 64K, 2 at 256K,
-# 1 at 1M (the cost of a cell grows with length x keys; see docs/guides/passkey.md). `full` keeps
+# 1 at 1M (the cost of a cell grows with length x keys). `full` keeps
 # every token, so it runs to 16K only. A rerun skips what is finished (`memzoo passkey eval`
 # resumes), so it can be stopped and started again.
 #   OMP_NUM_THREADS=1 bash recipes/passkey_grid.sh infini titans-mac

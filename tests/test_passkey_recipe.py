@@ -149,6 +149,17 @@ def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
     assert rc == 0
     saved = json.loads(out.read_text())
     assert saved["design"] == "infini" and len(saved["cells"]) == 2 and "passkey probe" in saved["command"]
+    assert all("needle_kept" not in c for c in saved["cells"])  # not a KV cache: nothing to count
+
+
+def test_probe_counts_the_needle_tokens_a_cache_still_holds():
+    """A sliding window of 128 + 32 slots holds none of a needle 500 tokens back and all of one right
+    before the question (58 tokens + the question's 40 fit in 128): needle_kept is exactly 0 and 1 there."""
+    torch.manual_seed(0)
+    model = memzoo.build("window", d_model=32, n_layers=2, n_heads=2, budget=128, evict_every=32).eval()
+    probe = probe_passkey(model, lengths=[700], depths=[0.0, 1.0], n_rows=2, progress=False)
+    kept = {c["depth"]: c["needle_kept"] for c in probe["cells"]}
+    assert kept == {0.0: [0.0, 0.0], 1.0: [1.0, 1.0]}
 
 
 def test_swap_memory_keeps_the_weights():

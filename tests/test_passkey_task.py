@@ -169,6 +169,9 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 7))
         assert torch.allclose(w[rest], 0.2 / rest.sum().float())
         assert w.sum().item() == pytest.approx(2.2)
+        # The needle sentence's span, for analyses (which of its tokens a cache still holds).
+        start, end = batch["needle_spans"][row].tolist()
+        assert tok.decode(ids[row, start:end]) == f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
 def test_training_batch_options(tok):

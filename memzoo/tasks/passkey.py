@@ -391,6 +391,8 @@ def make_training_batch(
         ``metric_masks``: ``{"answer": [b, n], "copy": [b, n]}`` bool, the predictions of the
         answer's digits and of the needle's key copy (the trainer logs their mean cross-entropy:
         ln 10 = 2.30 nats is chance, the model has not found the key yet).
+        ``needle_spans``: ``[b, 2]`` int64, each row's needle sentence as ``(start, end)`` token
+        indices, end exclusive (for analyses, e.g. which of its tokens a KV cache still holds).
     """
     if not 0.0 <= needle_near_end_prob <= 1.0:
         raise ValueError(f"needle_near_end_prob must be in [0, 1], got {needle_near_end_prob}")
@@ -402,6 +404,7 @@ def make_training_batch(
     weights = torch.zeros(batch_size, n_tokens)
     answer_digits = torch.zeros(batch_size, n_tokens, dtype=torch.bool)
     key_copy = torch.zeros(batch_size, n_tokens, dtype=torch.bool)
+    needle_spans = torch.zeros(batch_size, 2, dtype=torch.long)
     for row in range(batch_size):
         key = random_key(generator, digits)
         # Draw both numbers every row so the key stream does not depend on the depth options.
@@ -425,6 +428,7 @@ def make_training_batch(
         input_ids[row, :m] = seq
         labels[row, : m - 1] = seq[1:]
         # Target j is predicted at position j - 1.
+        needle_spans[row] = torch.tensor(sample.needle_span)
         start, end = sample.key_copy_span
         key_copy[row, start - 1 : end - 1] = True
         answer_mask = torch.zeros(n_tokens, dtype=torch.bool)
@@ -440,4 +444,5 @@ def make_training_batch(
         "labels": labels,
         "loss_weights": weights,
         "metric_masks": {"answer": answer_digits, "copy": key_copy},
+        "needle_spans": needle_spans,
     }

@@ -187,7 +187,10 @@ def probe_passkey(
     Returns:
         ``{"design", "chance_ce", "n_rows", "seed", "cells": [...]}``; each cell has ``length,
         depth, answer_ce`` (mean over the rows' digits, nats), ``digit_accuracy`` (argmax equals
-        the digit) and ``exact`` (fraction of rows with every digit right).
+        the digit), ``exact`` (fraction of rows with every digit right) and, for a KV-cache design
+        (an eviction policy), ``needle_kept``: per layer, the fraction of the needle sentence's
+        tokens still in the cache when the answer starts (mean over rows and heads), which says
+        whether a wrong answer is the policy's doing (the needle was evicted) or the model's.
     """
     tok = tokenizer or default_tokenizer()
     model.eval()
@@ -202,6 +205,7 @@ def probe_passkey(
             state = model.init_state(n_rows, device=device)
             if first:
                 state = model.stream(ids[:, :first], segment_len, state=state).state
+            kept = _needle_kept(state, batch["needle_spans"].to(device))
             logits = model(ids[:, first:], state=state).logits.float()
             labels, digits = labels[:, first:], digits[:, first:]
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none").view_as(labels)
@@ -213,10 +217,25 @@ def probe_passkey(
                 "digit_accuracy": round(float(right[digits].float().mean()), 4),
                 "exact": round(float((right | ~digits).all(dim=1).float().mean()), 4),
                 "n": n_rows,
+                **({"needle_kept": kept} if kept is not None else {}),
             })  # fmt: skip
             bar.update(1)
     bar.close()
     return {"design": model.config.memory, "chance_ce": round(CHANCE_CE, 4), "n_rows": n_rows, "seed": seed, "cells": cells}
+
+
+def _needle_kept(state, spans: torch.Tensor) -> list[float] | None:
+    """Per layer, the fraction of each row's needle tokens held by a KV cache (mean over rows and
+    heads); None unless every layer is a cache that records its tokens' stream positions."""
+    layers = getattr(state, "layers", None) or []
+    if not layers or not all(hasattr(layer, "token_pos") and hasattr(layer, "valid") for layer in layers):
+        return None
+    start, end = spans[:, 0, None, None], spans[:, 1, None, None]  # [b, 1, 1]: broadcast over heads and slots
+    fractions = []
+    for layer in layers:
+        held = (layer.valid & (layer.token_pos >= start) & (layer.token_pos < end)).sum(dim=-1)  # [b, h]
+        fractions.append(round(float((held / (end - start)[..., 0]).mean()), 4))
+    return fractions
 
 
 def describe_keys(cells: Sequence[dict]) -> dict:

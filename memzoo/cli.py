@@ -449,7 +449,7 @@ def _cmd_namm_evolve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("generations", args.generations), ("max_minutes", args.max_minutes)) if v is not None}
     with _distributed():
         summary = evolve_namm(config, out=args.out, resume=not args.no_resume, progress=_rank() == 0 and not args.quiet,
-                              command=_command_line(args), **overrides)  # fmt: skip
+                              command=_command_line(args), export=not args.no_export, **overrides)  # fmt: skip
     if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0
@@ -655,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=None, help="override evolution.generations (total, resumed ones included)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
+    p.add_argument("--no-export", action="store_true",
+                   help="leave the config's scorer_out / checkpoint_out alone (an exploratory run; `memzoo namm export` ships it later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_namm_evolve)
 

@@ -163,6 +163,11 @@ def test_evolve_namm_end_to_end_tiny(tmp_path):
         "scorer_out": str(tmp_path / "scorer"),
         "checkpoint_out": str(tmp_path / "ckpt"),
     }  # fmt: skip
+    # An exploratory run (export=False) leaves scorer_out and checkpoint_out alone ...
+    evolve_namm(config | {"out": str(tmp_path / "explore")}, progress=False, export=False, generations=1)
+    assert (tmp_path / "explore" / "run.json").is_file()
+    assert not (tmp_path / "scorer").exists() and not (tmp_path / "ckpt").exists()
+    # ... and the default ships the best scorer and a checkpoint with it.
     summary = evolve_namm(config, progress=False, command="memzoo namm evolve --config tiny.yaml")
     assert summary["generations"] == 2 and set(summary["full_scores"]) == {"passkey", "book"}
     best = load_namm_parameters(tmp_path / "scorer" / "namm.safetensors")

@@ -441,7 +441,14 @@ def _task_sets(config: dict, names: Sequence[str], seed_offset: int = 0) -> dict
 
 
 def evolve_namm(
-    config: dict, *, out: str | Path | None = None, resume: bool = True, progress: bool = True, command: str = "", **overrides
+    config: dict,
+    *,
+    out: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    command: str = "",
+    export: bool = True,
+    **overrides,
 ) -> dict:
     """Evolve a NAMM scorer for a trained backbone as ``config`` says (rank 0 then exports it).
 
@@ -451,6 +458,9 @@ def evolve_namm(
         resume: False starts over (the old state is ignored and overwritten).
         progress: tqdm bar on rank 0.
         command: the command line, for the model cards.
+        export: ship the best scorer to the config's ``scorer_out`` and ``checkpoint_out`` at the
+            end (:func:`export_namm`). False for an exploratory run that must not replace shipped
+            checkpoints; :func:`export_namm` ships it later if it turns out better.
         **overrides: fields of :class:`EvolutionConfig` (e.g. ``max_minutes``, ``generations``).
 
     Returns:
@@ -479,7 +489,8 @@ def evolve_namm(
                 "evolution": asdict(evo_cfg), "memory": config["memory"], "tasks": config["tasks"], "command": command}  # fmt: skip
     if evo.rank == 0:
         (out / "run.json").write_text(json.dumps(summary, indent=1))
-        export_namm(config, out)
+        if export:
+            export_namm(config, out)
     return summary
 
 

@@ -160,6 +160,8 @@ def test_probe_counts_the_needle_tokens_a_cache_still_holds():
     probe = probe_passkey(model, lengths=[700], depths=[0.0, 1.0], n_rows=2, progress=False)
     kept = {c["depth"]: c["needle_kept"] for c in probe["cells"]}
     assert kept == {0.0: [0.0, 0.0], 1.0: [1.0, 1.0]}
+    with pytest.raises(ValueError, match="n_rows must be a positive int"):
+        probe_passkey(model, lengths=[700], depths=[0.0], n_rows=0, progress=False)
 
 
 def test_swap_memory_keeps_the_weights():

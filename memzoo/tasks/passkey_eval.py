@@ -192,6 +192,8 @@ def probe_passkey(
         tokens still in the cache when the answer starts (mean over rows and heads), which says
         whether a wrong answer is the policy's doing (the needle was evicted) or the model's.
     """
+    if not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"n_rows must be a positive int (prompts per cell), got {n_rows!r}")
     tok = tokenizer or default_tokenizer()
     model.eval()
     device = next(model.parameters()).device

@@ -599,8 +599,12 @@ def passkey_probe_section() -> str:
     from memzoo.plots import format_length
 
     files, problems = load_json_files(RESULTS / "passkey-probe")
-    valid = [(path, r) for path, r in files if isinstance(r.get("cells"), list) and r["cells"] and "design" in r]
-    problems += [f"`{rel(path)}` has no `design`/`cells`: not a probe result; skipped." for path, r in files if (path, r) not in valid]
+    valid = []
+    for path, r in files:
+        if isinstance(r.get("cells"), list) and r["cells"] and "design" in r:
+            valid.append((path, r))
+        else:
+            problems.append(f"`{rel(path)}` has no `design`/`cells`: not a probe result; skipped.")
     head = "### Does the key reach the question? (teacher-forced probe)"
     if not valid:
         return f"{head}\n\n{NOT_MEASURED} Run `OMP_NUM_THREADS=1 bash recipes/passkey_probe.sh` to write `docs/results/passkey-probe/`."

@@ -307,15 +307,17 @@ def _cmd_passkey_probe(args: argparse.Namespace) -> int:
                             segment_len=args.segment_len, progress=not args.quiet)  # fmt: skip
     chance = results["chance_ce"]
     print(f"{results['design']}: answer cross-entropy (nats, chance {chance:.2f}) / exact, teacher-forced, {args.rows} rows per cell")
-    print(f"{'length':>7s} " + " ".join(f"{'depth ' + format(d, 'g'):>14s}" for d in args.depths))
-    for n in sorted({c["length"] for c in results["cells"]}):
-        row = {c["depth"]: c for c in results["cells"] if c["length"] == n}
-        print(f"{format_length(n):>7s} " + " ".join(f"{row[d]['answer_ce']:7.2f} / {row[d]['exact']:4.2f}" for d in args.depths))
-    if any("needle_kept" in c for c in results["cells"]):
-        print("needle tokens still in the cache when the answer starts, per layer (mean over rows and heads)")
+
+    def grid(text) -> None:  # one line per length, one column per depth
         for n in sorted({c["length"] for c in results["cells"]}):
             row = {c["depth"]: c for c in results["cells"] if c["length"] == n}
-            print(f"{format_length(n):>7s} " + " ".join(f"{'/'.join(f'{x:.2f}' for x in row[d]['needle_kept']):>14s}" for d in args.depths))
+            print(f"{format_length(n):>7s} " + " ".join(f"{text(row[d]):>14s}" for d in args.depths))
+
+    print(f"{'length':>7s} " + " ".join(f"{'depth ' + format(d, 'g'):>14s}" for d in args.depths))
+    grid(lambda c: f"{c['answer_ce']:.2f} / {c['exact']:4.2f}")
+    if any("needle_kept" in c for c in results["cells"]):
+        print("needle tokens still in the cache when the answer starts, per layer (mean over rows and heads)")
+        grid(lambda c: "/".join(f"{x:.2f}" for x in c["needle_kept"]))
     if args.out:
         print(f"wrote {save_results(results | {'checkpoint': str(args.checkpoint), 'command': _command_line(args)}, args.out)}")
     return 0

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..model import IGNORE_INDEX
 from ..tokenizer import tokenizer as default_tokenizer
 from .passkey import make_sample, make_training_batch, random_key, score
 
@@ -210,7 +212,7 @@ def probe_passkey(
             kept = _needle_kept(state, batch["needle_spans"].to(device))
             logits = model(ids[:, first:], state=state).logits.float()
             labels, digits = labels[:, first:], digits[:, first:]
-            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp_min(0), reduction="none").view_as(labels)
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
             right = logits.argmax(dim=-1) == labels
             cells.append({
                 "length": length,

@@ -31,3 +31,15 @@ def offline_hub(monkeypatch):
         raise OSError("network access in a test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same seeds, whatever ran before it (test order, ``-n``, ``-p randomly``)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

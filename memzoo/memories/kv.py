@@ -92,8 +92,8 @@ class EvictionPolicy(nn.Module):
     A policy is an ``nn.Module`` so that learned policies (NAMM) save their parameters with the
     model. Checklist for a new policy: subclass, implement ``score``; if it needs the attention
     each token receives, set ``needs_attention = True`` and implement ``init_state`` / ``observe``
-    (per-slot tensors shaped [b, h, C, ...] are compacted for you; other tensors must not have
-    that shape); if its state needs work once per eviction (NAMM's STFT step), implement
+    (per-slot tensors shaped [b, h, C, ...] are compacted for you, and cleared in slots that
+    eviction frees; other tensors must not have that shape); if its state needs work once per eviction (NAMM's STFT step), implement
     ``before_eviction``; add a ``KVConfig`` subclass whose ``make_policy`` returns it, and
     ``@register`` a builder. The conformance suite then checks it.
     """
@@ -213,10 +213,16 @@ def select_slots(scores: Tensor, token_pos: Tensor, budget: int) -> tuple[Tensor
     return chosen.gather(-1, order), keep.gather(-1, order)
 
 
-def gather_slots(t: Tensor, idx: Tensor, capacity: int) -> Tensor:
-    """Compact per-slot tensor ``t`` [b, h, C, ...] to the slots ``idx`` [b, h, B], padded to ``capacity``."""
+def gather_slots(t: Tensor, idx: Tensor, capacity: int, keep: Tensor | None = None) -> Tensor:
+    """Compact per-slot tensor ``t`` [b, h, C, ...] to the slots ``idx`` [b, h, B], padded to ``capacity``.
+
+    Entries where ``keep`` [b, h, B] is False (heads that keep fewer than B tokens) and the padding
+    are zeros (False for bool): a freed slot holds nothing of the token that left it.
+    """
     extra = t.shape[3:]
     g = t.gather(2, idx.reshape(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
+    if keep is not None:
+        g = g.masked_fill(~keep.reshape(*keep.shape, *(1,) * len(extra)), 0)
     pad = t.new_zeros(*t.shape[:2], capacity - idx.shape[2], *extra)
     return torch.cat([g, pad], dim=2)
 
@@ -434,7 +440,9 @@ def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheSt
         budget: tokens kept at most, per head.
 
     Returns:
-        the compacted cache; per-slot policy tensors are compacted with it.
+        the compacted cache. Every per-slot tensor, the policy's included, moves with its token,
+        and slots left free are zero (``valid`` False, ``token_pos`` -1), so a token written there
+        later inherits nothing of the one evicted.
     """
     state = replace(state, policy=policy.before_eviction(state))
     L = state.length
@@ -444,18 +452,22 @@ def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheSt
         return state  # nothing to evict: avoid copying the cache
     idx, keep = select_slots(scores, state.token_pos[:, :, :L], budget)
     C = state.capacity
+
+    def compact(t: Tensor) -> Tensor:
+        # every per-slot tensor (the cache's and the policy's) moves with its token, and a slot that
+        # no kept token fills is cleared: a token written there later inherits nothing
+        return gather_slots(t, idx, C, keep)
+
     policy_state = state.policy
     if policy_state is not None:
-        compacted = {f.name: _compact_if_per_slot(getattr(policy_state, f.name), idx, state) for f in fields(policy_state)}
+        compacted = {f.name: compact(v) for f in fields(policy_state) if _is_per_slot(v := getattr(policy_state, f.name), state)}
         policy_state = replace(policy_state, **compacted)
-    valid = gather_slots(state.valid, idx, C)
-    valid[:, :, : idx.shape[2]] &= keep
-    token_pos = gather_slots(state.token_pos, idx, C).masked_fill(~valid, -1)
+    valid = compact(state.valid)
     return KVCacheState(
-        keys=gather_slots(state.keys, idx, C),
-        values=gather_slots(state.values, idx, C),
+        keys=compact(state.keys),
+        values=compact(state.values),
         valid=valid,
-        token_pos=token_pos,
+        token_pos=compact(state.token_pos).masked_fill(~valid, -1),
         length=int(keep.sum(-1).max()),
         position=state.position,
         policy=policy_state,
@@ -464,10 +476,6 @@ def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheSt
 
 def _is_per_slot(value, state: KVCacheState) -> bool:
     return isinstance(value, Tensor) and value.dim() >= 3 and value.shape[:3] == state.valid.shape
-
-
-def _compact_if_per_slot(value, idx: Tensor, state: KVCacheState):
-    return gather_slots(value, idx, state.capacity) if _is_per_slot(value, state) else value
 
 
 def _grow(state: KVCacheState, capacity: int) -> KVCacheState:

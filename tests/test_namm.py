@@ -167,6 +167,10 @@ def test_parameter_vector_interface(tmp_path):
 
     save_namm_parameters(tmp_path / "best.safetensors", vec)
     assert torch.equal(load_namm_parameters(tmp_path / "best.safetensors"), vec)
+    save_namm_parameters(tmp_path / "scorer" / "namm.safetensors", vec)  # a scorer folder, as evolution ships it
+    assert torch.equal(load_namm_parameters(tmp_path / "scorer"), vec)
+    with pytest.raises(FileNotFoundError, match="scorer folder"):
+        load_namm_parameters(tmp_path / "nowhere")
     model.save_pretrained(tmp_path / "ckpt")
     assert torch.equal(load_namm_parameters(tmp_path / "ckpt"), vec)
     assert torch.equal(namm_parameters(memzoo.load(tmp_path / "ckpt")), vec)
@@ -302,3 +306,15 @@ def test_eviction_below_the_cap_matches_the_naive_reference(monkeypatch):
     final = {(b, h): layer for b in range(2) for h in range(2) for layer in [state.token_pos[b, h][state.valid[b, h]].tolist()]}
     assert final == steps[-1]["kept"]
     assert_close(fast.double(), ref, dtype=torch.float32, n=budget + every, depth=n // every)
+
+
+def test_shipped_scorer_folder_loads_by_its_path():
+    """``EvictingCache("namm", ..., scorer="checkpoints/namm-scorer")``: the folder, not only the file inside it."""
+    from pathlib import Path
+
+    import memzoo.hf as mh
+
+    folder = Path(__file__).parents[1] / "checkpoints" / "namm-scorer"
+    vec = load_namm_parameters(folder / "namm.safetensors")
+    assert vec.abs().sum() > 0  # an evolved scorer, not the zero init
+    assert torch.equal(mh.namm_parameters(mh.EvictingCache("namm", 64, scorer=str(folder))), vec)

@@ -298,18 +298,24 @@ def save_namm_parameters(path: str | Path, vector: Tensor) -> None:
 
 
 def load_namm_parameters(path: str | Path) -> Tensor:
-    """A NAMM parameter vector from a file of :func:`save_namm_parameters` or a memzoo ``namm`` checkpoint folder.
+    """A NAMM parameter vector from a file of :func:`save_namm_parameters`, a scorer folder or a memzoo ``namm`` checkpoint.
 
     Args:
-        path: a ``.safetensors`` file holding ``namm``, or a folder written by ``model.save_pretrained``
-            (the first layer's scorer is read).
+        path: a ``.safetensors`` file holding ``namm``; a scorer folder holding ``namm.safetensors``
+            (what evolution ships, e.g. ``checkpoints/namm-scorer``); or a folder written by
+            ``model.save_pretrained`` (the first layer's scorer is read).
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
+    file = path
+    if path.is_dir():
+        file = next((path / n for n in ("namm.safetensors", "model.safetensors") if (path / n).is_file()), path / "namm.safetensors")
     if not file.is_file():
-        raise FileNotFoundError(f"no NAMM parameters at {str(path)!r}: expected a .safetensors file or a memzoo checkpoint folder")
+        raise FileNotFoundError(
+            f"no NAMM parameters at {str(path)!r}: expected a .safetensors file, a scorer folder with namm.safetensors, "
+            "or a memzoo namm checkpoint folder"
+        )
     tensors = load_file(str(file))
     if "namm" in tensors:
         return tensors["namm"].float()

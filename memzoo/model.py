@@ -127,8 +127,25 @@ class MemZooPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) if asked
+        """transformers' ``from_pretrained``, strict: a weight missing, unexpected or of another shape raises.
+
+        transformers fills missing weights with fresh random values and reports it only on stderr; a
+        memzoo checkpoint whose file and config disagree (a deleted tensor, ``n_layers`` edited,
+        ``tie_word_embeddings`` flipped) must not load as a silently different model.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            listed = "; ".join(f"{kind.replace('_', ' ')} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                               for kind, keys in problems.items())  # fmt: skip
+            raise ValueError(
+                f"{str(where)!r}: the weights file does not match its config.json ({listed}). The checkpoint was "
+                "edited or written by another version: re-save it with model.save_pretrained, or fix config.json"
+            )
+        loaded = (model, info) if want_info else model
         # safetensors leaves parameters at 8-byte offsets of the file, and MKL rounds differently
         # when a matrix operand is not 64-byte aligned (e.g. the weight of a one-token Linear), so
         # a reloaded model was not bit-identical to the saved one: give them fresh memory.

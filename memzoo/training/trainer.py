@@ -209,10 +209,12 @@ class Trainer:
             loss_sum = float(loss_t)
             for totals in mask_totals.values():
                 dist.all_reduce(totals)
-        grad_norm = float("nan")
+        params = [p for p in model.parameters() if p.grad is not None]
         if cfg.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not math.isfinite(loss_sum) or (cfg.grad_clip and not math.isfinite(grad_norm)):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        else:  # no clipping, but the norm is still checked (and logged)
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
             # Stop before the optimiser writes NaN into the weights: every later step would be NaN
             # too, and a NaN model would be saved over the last good checkpoint.
             raise FloatingPointError(
@@ -221,6 +223,15 @@ class Trainer:
                 "is intact): lower train.lr, or train.grad_clip, and resume or restart"
             )
         self.optimizer.step()
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            # finite gradients can still give non-finite weights (an lr of 1e30): nothing is saved
+            raise FloatingPointError(
+                f"training diverged at step {self.step + 1}: the update made {len(bad)} weight tensor(s) non-finite "
+                f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}) with finite loss {loss_sum:.4g} and gradient norm "
+                f"{grad_norm:.4g}. Nothing was saved from this step (the last saved checkpoint is intact; the weights "
+                "in memory are not): lower train.lr, and resume or restart"
+            )
         self.step += 1
         metrics = {
             "step": self.step,

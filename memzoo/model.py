@@ -13,6 +13,8 @@ stream cut into segments would lose the prediction at every segment boundary.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +83,28 @@ class MemZooState(MemoryState):
         layers: the per-layer states, in layer order.
         batch_size: b, checked against every input so a state is never applied to another batch.
         position: tokens of the stream consumed so far.
+        built_for: what the state was made for (the design, its resolved config and the backbone's
+            sizes, as :meth:`MemZooForCausalLM.init_state` writes it); a model refuses a state made
+            for another (a ``segment_len`` 64 state in a ``segment_len`` 32 model would run, wrongly).
     """
 
     layers: list
     batch_size: int
     position: int = 0
+    built_for: str = ""
+
+
+def _config_diff(theirs: dict, ours: dict, prefix: str = "") -> str:
+    """``"memory_config.segment_len: 64 -> 32, ..."`` for the entries where two signatures differ."""
+    parts = []
+    for key in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _config_diff(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key}: state {a!r}, model {b!r}")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -228,7 +247,14 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         device = device if device is not None else self.device
         layers = [blk.mixer.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks]
-        return MemZooState(layers=layers, batch_size=batch_size)
+        return MemZooState(layers=layers, batch_size=batch_size, built_for=self._state_signature())
+
+    def _state_signature(self) -> str:
+        """The design, its resolved config and the backbone sizes a state depends on (a JSON string)."""
+        cfg = self.config
+        design = dataclasses.asdict(memory_config(cfg.memory, **cfg.memory_config))  # defaults filled in
+        return json.dumps({"memory": cfg.memory, "memory_config": design, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+                           "n_layers": cfg.n_layers}, sort_keys=True)  # fmt: skip
 
     def _check_inputs(self, input_ids: Tensor, state: MemZooState | None) -> None:
         if not isinstance(input_ids, Tensor):
@@ -258,6 +284,15 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
                 )
             if len(state.layers) != len(self.blocks):
                 raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.blocks)}")
+            mine = self._state_signature()
+            if state.built_for != mine:
+                theirs = json.loads(state.built_for) if state.built_for else {}
+                ours = json.loads(mine)
+                diff = _config_diff(theirs, ours)
+                raise ValueError(
+                    f"this state was made for another model ({diff or 'a state without a signature'}); "
+                    f"a state only fits the model that made it: call model.init_state({state.batch_size})"
+                )
 
     def _logits(self, h: Tensor) -> Tensor:  # h: [b, n, d] -> [b, n, vocab]
         h = self.norm(h)
@@ -297,7 +332,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, input_ids)
-        next_state = MemZooState(layers=new_layers, batch_size=state.batch_size, position=state.position + input_ids.shape[1])
+        next_state = dataclasses.replace(state, layers=new_layers, position=state.position + input_ids.shape[1])
         return MemZooOutput(loss=loss, logits=logits, state=next_state)
 
     @staticmethod

@@ -32,3 +32,23 @@ def test_a_huge_learning_rate_stops_before_saving_non_finite_weights(tmp_path, g
         assert step < trainer.step + 1
         weights = load_file(str(last / "model" / "model.safetensors"))
         assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@pytest.mark.parametrize(
+    "made_by, used_by, named",
+    [
+        (("infini", dict(segment_len=64)), ("infini", dict(segment_len=32)), "memory_config.segment_len: state 64, model 32"),
+        (("window", dict(budget=32)), ("window", dict(budget=16)), "memory_config.budget: state 32, model 16"),
+        (("titans-mal", dict(window=8)), ("titans-mag", dict(window=8)), "memory: state 'titans-mal', model 'titans-mag'"),
+        (("infini", {}), ("window", {}), "memory: state 'infini', model 'window'"),
+    ],
+)
+def test_a_state_made_for_another_model_is_refused(made_by, used_by, named):
+    (a, a_kw), (b, b_kw) = made_by, used_by
+    maker, user = memzoo.build(a, **TINY, **a_kw), memzoo.build(b, **TINY, **b_kw)
+    ids = torch.randint(3, 40, (1, 9))
+    state = maker(ids).state
+    with pytest.raises(ValueError, match=rf"made for another model \(.*{named}.*model.init_state\(1\)"):
+        user(ids, state=state)
+    user(ids, state=user.init_state(1))  # its own state is fine
+    user(ids, state=user(ids).state.detach())  # and stays so through detach

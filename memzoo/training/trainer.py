@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import atomic_directory
+from ..io import atomic_directory, recover_directory
 from ..model import IGNORE_INDEX, MemZooForCausalLM
 from .param_groups import param_groups
 
@@ -270,8 +271,14 @@ class Trainer:
             the metrics of every step run in this call.
         """
         cfg = self.config
+        if resume and self.out_dir is not None:
+            if self.rank == 0:  # a save killed between its two renames left its copy as .last.old
+                recover_directory(self.out_dir / "last")
+            if self.world > 1:
+                dist.barrier()
         if resume and self.out_dir is not None and (self.out_dir / "last").is_dir():
             self.load_checkpoint(self.out_dir / "last")
+        self._truncate_log()  # steps logged after the checkpoint (a kill) or by an earlier run (no resume) go
         history, start_time, tokens, seconds_before = [], time.perf_counter(), 0, self.train_seconds
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
         while self.step < cfg.steps:
@@ -295,6 +302,16 @@ class Trainer:
                 break
         bar.close()
         return history
+
+    def _truncate_log(self) -> None:
+        """Keep only the log lines of steps up to the current one: the log then reads 1, 2, ... once."""
+        log = None if self.out_dir is None else self.out_dir / "log.jsonl"
+        if self.rank != 0 or log is None or not log.is_file():
+            return
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        tmp = log.with_name(f".{log.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, log)
 
     def _log(self, metrics: dict) -> None:
         if self.out_dir is None or self.rank != 0:

@@ -15,9 +15,12 @@ from memzoo.memories.namm import (
     D_ATTN,
     BAMScorer,
     NAMMConfig,
+    key_redundancy,
+    key_redundancy_naive,
     load_namm_parameters,
     namm_parameter_count,
     namm_parameters,
+    redundancy_rule,
     save_namm_parameters,
     set_namm_parameters,
 )
@@ -175,7 +178,7 @@ def test_parameter_vector_interface(tmp_path):
     assert torch.equal(load_namm_parameters(tmp_path / "ckpt"), vec)
     assert torch.equal(namm_parameters(memzoo.load(tmp_path / "ckpt")), vec)
 
-    with pytest.raises(ValueError, match="4172 entries"):
+    with pytest.raises(ValueError, match="has 4172 entries .25 features., got 10"):
         set_namm_parameters(model, torch.zeros(10))
     with pytest.raises(ValueError, match="no NAMM scorer"):
         namm_parameters(memzoo.build("window", **TINY))
@@ -318,3 +321,68 @@ def test_shipped_scorer_folder_loads_by_its_path():
     vec = load_namm_parameters(folder / "namm.safetensors")
     assert vec.abs().sum() > 0  # an evolved scorer, not the zero init
     assert torch.equal(mh.namm_parameters(mh.EvictingCache("namm", 64, scorer=str(folder))), vec)
+
+
+# ------------------------------------------------------------------------- key redundancy (documented option)
+def test_key_redundancy_matches_naive():
+    """Holes and every pair's order by stream position; fp32 normalised dot products of k terms."""
+    keys = torch.randn(2, 3, 11, 8)
+    keys[0, 1, 7] = keys[0, 1, 2] * 3.0  # a copy (another norm): cosine 1
+    valid = torch.rand(2, 3, 11) > 0.2
+    valid[..., -1] = valid[0, 1, 2] = valid[0, 1, 7] = True
+    token_pos = torch.arange(11).expand(2, 3, 11) * 5
+    fast = key_redundancy(keys, valid, token_pos)
+    assert_close(fast.double(), key_redundancy_naive(keys, valid, token_pos), dtype=torch.float32, n=8)
+    assert fast[0, 1, 2] > 1 - 1e-5  # its copy is newer
+    assert torch.all(fast[..., -1] == -1) and torch.all(fast[~valid] == -1)  # nothing newer / holes
+
+
+def repeated_stream(n_repeats: int, period: int, d: int = 16) -> tuple[torch.Tensor, int]:
+    """[1, n, d]: one unique vector at position ``period``, inside a block of ``period`` vectors repeated."""
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(period, d, generator=g)
+    x = block.repeat(n_repeats, 1)
+    x[period] = torch.randn(d, generator=g) * 3
+    return x[None], period
+
+
+def test_redundancy_rule_keeps_the_unique_token_and_drops_old_copies():
+    """Repeated content keeps only its latest copy; the one unique token survives far beyond the window."""
+    module = CachedAttention(d_model=16, n_heads=2, config=NAMMConfig(budget=24, evict_every=8, key_redundancy=True))
+    set_namm_parameters(module.policy.scorer, redundancy_rule(0.95))
+    x, unique = repeated_stream(n_repeats=20, period=6)
+    with torch.no_grad():
+        _, state = module(x, module.init_state(1))
+    for h in range(2):
+        kept = state.token_pos[0, h][state.valid[0, h]].tolist()
+        assert unique in kept, kept
+        n = x.shape[1]
+        assert all(p >= n - 6 - 8 or p == unique for p in kept), kept  # one copy of the block (+ the newest piece)
+
+
+def test_n_recent_always_keeps_the_recent_window():
+    module = CachedAttention(d_model=16, n_heads=2, config=NAMMConfig(budget=32, evict_every=8, n_recent=12))
+    vector = torch.zeros(namm_parameter_count())
+    vector[-1] = -1.0  # head bias: every score -1, so the scorer alone would evict everything but the newest
+    set_namm_parameters(module.policy.scorer, vector)
+    with torch.no_grad():
+        _, state = module(torch.randn(1, 40, 16), module.init_state(1))
+    for h in range(2):
+        assert state.token_pos[0, h][state.valid[0, h]].tolist() == list(range(40 - 12, 40))
+
+
+def test_key_redundancy_namm_is_split_invariant_and_checks_its_vector():
+    model = memzoo.build("namm", **TINY, budget=24, evict_every=8, key_redundancy=True, n_recent=4).eval()
+    set_namm_parameters(model, redundancy_rule(0.5))
+    x = ids(61, b=2)
+    with torch.no_grad():
+        whole = model(x).logits
+        state, outs = model.init_state(2), []
+        for start, end in zip([0, 3, 17, 40], [3, 17, 40, 61]):
+            out = model(x[:, start:end], state=state)
+            state, outs = out.state, outs + [out.logits]
+    assert_close(torch.cat(outs, 1), whole, n=32, depth=TINY["n_layers"])  # attention over <= 32 slots
+    with pytest.raises(ValueError, match="4335 entries .26 features., got 4172.*key_redundancy"):
+        set_namm_parameters(model, torch.zeros(namm_parameter_count()))
+    with pytest.raises(ValueError, match="n_recent must be an int in"):
+        NAMMConfig(budget=8, n_recent=9)

@@ -19,6 +19,20 @@ Split invariance: the attention columns are recorded query by query in ``observe
 buffer, [b, h, C, w], bounded), and the spectrogram/EMA step runs only at eviction boundaries of
 the stream, so one call, random cuts and token-by-token decoding give the same features.
 
+Two documented options, both off by default (the paper's NAMM):
+
+- ``key_redundancy=True`` adds a 26th feature, each token's *key redundancy*: the largest cosine
+  similarity between its key and the key of any newer token the head still caches
+  (:func:`key_redundancy`). The paper's features describe the attention a token *received*; on a
+  repeated filler they barely tell a needle from the filler around it (a logistic probe on them
+  separates the two at AUC 0.75-0.83 at the step that evicts them), while a repeated sentence's
+  tokens have a newer copy with the same key and a unique sentence's do not. It is the measurable
+  form of NAMM's own argument for backward attention ("repeated content keeps only its latest
+  copy"). Keys are cached un-rotated in memzoo models, so equal content at other positions has
+  equal keys; in ``memzoo.hf`` the keys are the host model's rotated ones and the feature is weaker.
+- ``n_recent=N`` always keeps the N most recent stream tokens (like ``h2o``'s window), so the
+  local context never depends on the scorer.
+
 Legend (see ``memzoo.interface``) plus: f features or frequencies, e BAM head width (32).
 
 Reference: Cetin et al., "An Evolved Universal Transformer Memory" (arXiv 2410.13166): the
@@ -42,7 +56,7 @@ from ..interface import MemoryState
 from ..ops.attention import attend
 from ..ops.stft import AGE_DIM, HOP, N_FREQ, age_embedding, merge_moments, moments, spectral_step
 from ..registry import register
-from .kv import EvictionPolicy, KVCacheState, KVConfig
+from .kv import EvictionPolicy, KVCacheState, KVConfig, protect_recent
 
 __all__ = [
     "NAMMConfig",
@@ -50,9 +64,12 @@ __all__ = [
     "NAMMPolicy",
     "BAMScorer",
     "N_FEATURES",
+    "key_redundancy",
+    "key_redundancy_naive",
     "namm_parameters",
     "set_namm_parameters",
     "namm_parameter_count",
+    "redundancy_rule",
     "load_namm_parameters",
     "save_namm_parameters",
 ]
@@ -62,28 +79,65 @@ D_ATTN = 32  # width of the BAM attention head
 NORM_EPS = 1e-6  # floor of the running std (a feature constant so far must not blow up)
 
 
+# ---------------------------------------------------------------------------------- key redundancy
+def key_redundancy(keys: Tensor, valid: Tensor, token_pos: Tensor) -> Tensor:
+    """Each cached token's largest key cosine similarity with a newer cached token of the same head.
+
+    A token of a repeated sentence has a newer copy with (nearly) the same key and scores ~1; a
+    token whose content the stream never repeated scores lower. -1 for the newest token and holes.
+
+    Args:
+        keys: [b, h, L, k] un-rotated keys.
+        valid: [b, h, L] bool.
+        token_pos: [b, h, L] stream positions.
+
+    Returns:
+        [b, h, L] fp32 in [-1, 1].
+    """
+    kn = F.normalize(keys.float(), dim=-1)
+    sim = kn @ kn.transpose(-1, -2)  # [b, h, L, L]: token i (rows) against token j (columns)
+    newer = (token_pos[..., None, :] > token_pos[..., :, None]) & valid[..., None, :] & valid[..., :, None]
+    return sim.masked_fill(~newer, -1.0).amax(dim=-1)
+
+
+def key_redundancy_naive(keys: Tensor, valid: Tensor, token_pos: Tensor) -> Tensor:
+    """Reference for :func:`key_redundancy`: one token at a time, in fp64."""
+    out = torch.full(valid.shape, -1.0, dtype=torch.float64)
+    for b, h, i in valid.nonzero().tolist():
+        for j in range(keys.shape[2]):
+            if valid[b, h, j] and token_pos[b, h, j] > token_pos[b, h, i]:
+                ki, kj = keys[b, h, i].double(), keys[b, h, j].double()
+                cos = float(ki @ kj / (ki.norm() * kj.norm()).clamp_min(1e-12))
+                out[b, h, i] = max(float(out[b, h, i]), cos)
+    return out
+
+
 # ---------------------------------------------------------------------------------- scorer
 class BAMScorer(nn.Module):
     """Backward attention memory: one attention head over a head's cached tokens, then a linear score.
 
     Token i attends only to tokens j >= i (itself and newer ones): what came after a token is what
-    tells whether it still matters. With features x [t, 25]:
+    tells whether it still matters. With features x [t, f] (f = 25, or 26 with key redundancy):
     ``q, k, v = x W_qkv``; ``o = softmax(q k^T / sqrt(32) + backward mask) v``;
     ``(res, mult) = o W_out``; ``x <- x * (1 + mult) + res``; ``score = x w + c``.
-    Parameters (4172) start at zero and are evolved, never trained by gradient.
+    Parameters (4172 for f = 25) start at zero and are evolved, never trained by gradient.
+
+    Args:
+        n_features: f.
 
     Reference: arXiv 2410.13166 (backward attention memory models).
     """
 
-    def __init__(self):
+    def __init__(self, n_features: int = N_FEATURES):
         super().__init__()
+        f = n_features
         # Plain parameters, not nn.Linear: the backbone's generic init (normal) must not touch them,
         # and its init hook runs reset_memory_parameters only on modules that own parameters.
-        self.qkv_weight = nn.Parameter(torch.empty(3 * D_ATTN, N_FEATURES), requires_grad=False)
+        self.qkv_weight = nn.Parameter(torch.empty(3 * D_ATTN, f), requires_grad=False)
         self.qkv_bias = nn.Parameter(torch.empty(3 * D_ATTN), requires_grad=False)
-        self.out_weight = nn.Parameter(torch.empty(2 * N_FEATURES, D_ATTN), requires_grad=False)
-        self.out_bias = nn.Parameter(torch.empty(2 * N_FEATURES), requires_grad=False)
-        self.head_weight = nn.Parameter(torch.empty(1, N_FEATURES), requires_grad=False)
+        self.out_weight = nn.Parameter(torch.empty(2 * f, D_ATTN), requires_grad=False)
+        self.out_bias = nn.Parameter(torch.empty(2 * f), requires_grad=False)
+        self.head_weight = nn.Parameter(torch.empty(1, f), requires_grad=False)
         self.head_bias = nn.Parameter(torch.empty(1), requires_grad=False)
         self.reset_memory_parameters()
 
@@ -100,7 +154,7 @@ class BAMScorer(nn.Module):
         """Scores of one head's cached tokens.
 
         Args:
-            x: [b, t, 25] features, tokens in stream order.
+            x: [b, t, f] features, tokens in stream order.
             valid: [b, t] bool; invalid tokens (holes) are neither seen nor meaningfully scored.
 
         Returns:
@@ -154,14 +208,17 @@ class NAMMPolicy(EvictionPolicy):
         evict_every: the eviction rhythm (sizes the column buffer: ``evict_every + 32 - gcd(evict_every, 16)``
             columns hold every column not yet folded, whatever the rhythm; ``evict_every + 16`` when it is
             a multiple of 16).
+        key_redundancy: add the key-redundancy feature (:func:`key_redundancy`) as the 26th.
+        n_recent: the most recent stream tokens that always stay (0: none, the paper).
     """
 
     needs_attention = True
 
-    def __init__(self, evict_every: int):
+    def __init__(self, evict_every: int, key_redundancy: bool = False, n_recent: int = 0):
         super().__init__()
         self.evict_every = evict_every
-        self.scorer = BAMScorer()
+        self.key_redundancy, self.n_recent = key_redundancy, n_recent
+        self.scorer = BAMScorer(N_FEATURES + int(key_redundancy))
 
     @property
     def signal_width(self) -> int:
@@ -200,28 +257,49 @@ class NAMMPolicy(EvictionPolicy):
         return NAMMState(signal=signal, ema=ema, mean=mean, var=var, count=count, base=st.base + dropped)
 
     def features(self, cache: KVCacheState) -> Tensor:
-        """The 25 features of the cached tokens: [b, h, L, 25] (age embedding, then normalised EMA)."""
+        """The features of the cached tokens: [b, h, L, f] (age embedding, normalised EMA, then key redundancy if on)."""
         st, L = cache.policy, cache.length
         age = cache.position - cache.token_pos[:, :, :L]  # [b, h, L]
         std = st.var.sqrt().clamp_min(NORM_EPS)
         spectral = (st.ema[:, :, :L] - st.mean[:, None, None]) / std[:, None, None]
-        return torch.cat([age_embedding(age), spectral], dim=-1)
+        parts = [age_embedding(age), spectral]
+        if self.key_redundancy:
+            parts.append(key_redundancy(cache.keys[:, :, :L], cache.valid[:, :, :L], cache.token_pos[:, :, :L])[..., None])
+        return torch.cat(parts, dim=-1)
 
     def score(self, cache: KVCacheState) -> Tensor:
         b = cache.keys.shape[0]
         x = rearrange(self.features(cache), "b h t f -> (b h) t f")
         valid = rearrange(cache.valid[:, :, : cache.length], "b h t -> (b h) t")
         s = rearrange(self.scorer(x, valid), "(b h) t -> b h t", b=b)
+        if self.n_recent:
+            s = protect_recent(s, cache, self.n_recent)
         return s.masked_fill(s < 0, float("-inf"))  # score < 0: evict, even with room in the budget
 
 
 # ---------------------------------------------------------------------------------- config
 @dataclass
 class NAMMConfig(KVConfig):
-    """``namm``: an evolved scorer over attention-spectrogram features, capped at ``budget`` tokens (arXiv 2410.13166)."""
+    """``namm``: an evolved scorer over attention-spectrogram features, capped at ``budget`` tokens (arXiv 2410.13166).
+
+    Attributes:
+        key_redundancy: add each token's key redundancy as a 26th feature (see the module docstring;
+            off in the paper). The scorer's parameter vector grows to 4,335 entries.
+        n_recent: the most recent stream tokens always stay (0 in the paper).
+    """
+
+    key_redundancy: bool = False
+    n_recent: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.key_redundancy, bool):
+            raise ValueError(f"key_redundancy must be true or false, got {self.key_redundancy!r}")
+        if not isinstance(self.n_recent, int) or isinstance(self.n_recent, bool) or not 0 <= self.n_recent <= self.budget:
+            raise ValueError(f"n_recent must be an int in [0, budget={self.budget}], got {self.n_recent!r}")
 
     def make_policy(self) -> NAMMPolicy:
-        return NAMMPolicy(self.evict_every)
+        return NAMMPolicy(self.evict_every, self.key_redundancy, self.n_recent)
 
 
 @register("namm")
@@ -240,9 +318,9 @@ def _scorers(obj) -> list[BAMScorer]:
     return scorers
 
 
-def namm_parameter_count() -> int:
-    """Entries of the flat NAMM parameter vector (4172)."""
-    return sum(p.numel() for p in BAMScorer().parameters())
+def namm_parameter_count(n_features: int = N_FEATURES) -> int:
+    """Entries of the flat NAMM parameter vector: 4172 for the paper's 25 features, 4335 with key redundancy."""
+    return sum(p.numel() for p in BAMScorer(n_features).parameters())
 
 
 def namm_parameters(obj) -> Tensor:
@@ -273,12 +351,38 @@ def set_namm_parameters(obj, vector) -> None:
         vector: [namm_parameter_count()] tensor or array (e.g. a CMA-ES candidate).
     """
     vector = torch.as_tensor(vector, dtype=torch.float32).flatten()
-    if vector.numel() != namm_parameter_count():
-        raise ValueError(f"a NAMM parameter vector has {namm_parameter_count()} entries, got {vector.numel()}")
-    for scorer in _scorers(obj):
+    scorers = _scorers(obj)
+    expected = sum(p.numel() for p in scorers[0].parameters())
+    if vector.numel() != expected:
+        raise ValueError(
+            f"this NAMM's parameter vector has {expected} entries ({scorers[0].head_weight.shape[1]} features), got {vector.numel()}; "
+            "a scorer evolved with key_redundancy fits only a namm built with key_redundancy=True, and the reverse"
+        )
+    for scorer in scorers:
         params = list(scorer.parameters())
         for p, chunk in zip(params, vector.split([p.numel() for p in params])):
             p.copy_(chunk.view_as(p))
+
+
+def redundancy_rule(threshold: float = 0.95) -> Tensor:
+    """The scorer vector of the hand-set rule ``score = threshold - key redundancy`` (26 features).
+
+    With every attention parameter at zero the BAM network passes the features through unchanged
+    (``mult = res = 0``), so the score is the linear head alone: a token stays iff no newer cached
+    token has a key closer than ``threshold`` (cosine), and under the cap the least redundant stay
+    first. A starting point for evolution as much as a scorer of its own.
+
+    Args:
+        threshold: cosine similarity above which a token counts as a copy of a newer one.
+
+    Returns:
+        [namm_parameter_count(26)] fp32, for a namm built with ``key_redundancy=True``.
+    """
+    scorer = BAMScorer(N_FEATURES + 1)
+    with torch.no_grad():
+        scorer.head_weight[0, N_FEATURES] = -1.0
+        scorer.head_bias.fill_(threshold)
+    return torch.nn.utils.parameters_to_vector(scorer.parameters()).detach().clone()
 
 
 def save_namm_parameters(path: str | Path, vector: Tensor) -> None:

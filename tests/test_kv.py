@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from einops import rearrange
+from tolerance import assert_close
 
 import memzoo
 from memzoo.memories.h2o import H2OConfig
@@ -66,7 +67,7 @@ def test_selection_matches_naive(config):
     with torch.no_grad():
         fast, state = module(x, module.init_state(2))
         ref, kept = naive(module, x)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert_close(fast, ref, n=config.budget + config.evict_every)  # a query attends over at most that many slots
     for bi in range(2):
         for hi in range(2):
             got = state.token_pos[bi, hi, : state.length][state.valid[bi, hi, : state.length]].tolist()

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from einops import rearrange
+from tolerance import assert_close
 
 from memzoo.memories.kv import CachedAttention, FullConfig, SinksConfig, WindowConfig
 from memzoo.ops.rope import apply_rope
@@ -56,7 +57,7 @@ def test_cached_attention_matches_naive(config):
     x = torch.randn(2, 43, 16)
     with torch.no_grad():
         fast, state = module(x, module.init_state(2))
-        torch.testing.assert_close(fast, naive(module, x), atol=1e-5, rtol=1e-5)
+        assert_close(fast, naive(module, x), n=x.shape[1])  # a query attends over at most the 43 tokens
     if hasattr(config, "budget"):
         assert state.length <= config.budget + config.evict_every
 

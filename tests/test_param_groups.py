@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close
 from torch import nn
 
 import memzoo
@@ -70,7 +71,11 @@ def test_infini_model_groups_and_adamw_step():
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)
     x = torch.randint(3, 259, (1, 17))
     model(x[:, :-1], labels=x[:, 1:]).loss.backward()
-    before = model.blocks[0].mixer.beta.detach().clone()
+    beta = model.blocks[0].mixer.beta
+    before = beta.detach().clone()
     opt.step()
-    # AdamW's first step moves each parameter by about lr: 10x for the gates
-    assert torch.allclose((model.blocks[0].mixer.beta - before).abs(), torch.full_like(before, 1e-2), rtol=1e-2)
+    # AdamW's first step moves each parameter by lr |g| / (|g| + eps) (m and v are g and g^2 once
+    # bias-corrected), about lr: 10x for the gates (and no decay). A few elementwise ops, each
+    # rounded once: the default n = depth = 1.
+    g = beta.grad.abs()
+    assert_close((beta.detach() - before).abs(), 1e-2 * g / (g + opt.defaults["eps"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import rounding
 
 import memzoo
 from memzoo.cli import main
@@ -75,13 +76,17 @@ def test_recipe_smoke_pinned_losses(tmp_path):
     summary = train_recipe(recipe, tmp_path / "run", progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert summary["steps"] == 3
-    assert losses == pytest.approx(PINNED_LOSSES, abs=2e-3), losses
+    # the pins' last printed decimal, plus rounding: each loss sums 2 x 320 token positions, and the
+    # last comes after 2 optimiser steps in series (3 steps, 1 layer)
+    slack = PINNED_DECIMAL / 2 + rounding(n=2 * 320, depth=3) * max(PINNED_LOSSES)
+    assert losses == pytest.approx(PINNED_LOSSES, abs=slack), losses
     assert memzoo.load(tmp_path / "run" / "model").config.memory == "window"
 
 
 # Measured once with the test above (torch 2.13.0 CPU); a change means the recipe's data,
 # initialisation or optimisation changed: check it was meant, then re-pin.
 PINNED_LOSSES = [5.5278, 5.3650, 4.8844]
+PINNED_DECIMAL = 1e-4  # the pins are printed to 4 decimals
 
 
 def test_cli_passkey_eval_writes_results(tmp_path):
@@ -124,12 +129,14 @@ def test_cli_passkey_eval_writes_results(tmp_path):
 
 def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
     """probe_passkey's answer cross-entropy, streamed in short calls, equals a one-call forward of
-    the same batch (split invariance; tolerance 1e-4 nats), and the CLI writes one cell per length x depth."""
+    the same batch (split invariance, to fp32 rounding and the probe's 4 reported decimals), and the
+    CLI writes one cell per length x depth."""
     torch.manual_seed(0)
     model = memzoo.build("infini", d_model=32, n_layers=2, n_heads=2, segment_len=64).eval()
     probe = probe_passkey(model, lengths=[300, 400], depths=[0.0, 1.0], n_rows=3, seed=5, segment_len=48, progress=False)
     assert [(c["length"], c["depth"]) for c in probe["cells"]] == [(300, 0.0), (300, 1.0), (400, 0.0), (400, 1.0)]
-    assert probe["chance_ce"] == pytest.approx(CHANCE_CE, abs=1e-4)
+    reported = 0.5e-4  # the probe rounds to 4 decimals: at most half a unit of the last
+    assert probe["chance_ce"] == pytest.approx(CHANCE_CE, abs=reported)
     tok = memzoo.tokenizer()
     for cell in probe["cells"]:
         batch = make_training_batch(3, cell["length"], tok, 5, depth=cell["depth"])
@@ -137,10 +144,13 @@ def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
             logits = model(batch["input_ids"]).logits
         digits = batch["metric_masks"]["answer"]
         ce = torch.nn.functional.cross_entropy(logits[digits], batch["labels"][digits])
-        assert cell["answer_ce"] == pytest.approx(float(ce), abs=1e-4)
+        # streamed vs one call: the memory sums over the stream's tokens (the longest reduction), 2 layers
+        computed = rounding(n=cell["length"], depth=model.config.n_layers) * float(ce)
+        assert cell["answer_ce"] == pytest.approx(float(ce), abs=reported + computed)
+        # fractions of the same argmax hits (no near-ties): only the reported rounding
         right = logits.argmax(-1) == batch["labels"]
-        assert cell["digit_accuracy"] == pytest.approx(float(right[digits].float().mean()), abs=1e-4)
-        assert cell["exact"] == pytest.approx(float((right | ~digits).all(1).float().mean()), abs=1e-4)
+        assert cell["digit_accuracy"] == pytest.approx(float(right[digits].float().mean()), abs=reported)
+        assert cell["exact"] == pytest.approx(float((right | ~digits).all(1).float().mean()), abs=reported)
 
     model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "probe.json"
@@ -169,8 +179,10 @@ def test_swap_memory_keeps_the_weights():
     full = memzoo.build("full", d_model=32, n_layers=1, n_heads=2).eval()
     window = memzoo.swap_memory(full, "window", budget=1000, evict_every=500).eval()
     x = torch.randint(3, 259, (1, 40))
-    with torch.no_grad():  # a budget larger than the stream: the same computation as full
-        torch.testing.assert_close(window(x).logits, full(x).logits, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        # bit for bit: with a budget larger than the stream the window never evicts, and its queries
+        # attend over the same 40 slots with the same ops as full (only its buffer is larger)
+        torch.testing.assert_close(window(x).logits, full(x).logits, atol=0, rtol=0)
     with pytest.raises(TypeError, match="keeps the backbone"):
         memzoo.swap_memory(full, "window", d_model=64)
 
@@ -208,7 +220,7 @@ def test_derive_namm_with_an_evolved_scorer(tmp_path):
     save_namm_parameters(tmp_path / "scorer.safetensors", vector)
     assert main(["passkey", "derive", "--from", str(tmp_path / "full"), "--memory", "namm", "--set", "budget=64",
                  "--scorer", str(tmp_path / "scorer.safetensors"), "--out", str(tmp_path / "ck")]) == 0  # fmt: skip
-    torch.testing.assert_close(namm_parameters(memzoo.load(tmp_path / "ck")), vector, atol=0, rtol=0)
+    torch.testing.assert_close(namm_parameters(memzoo.load(tmp_path / "ck")), vector, atol=0, rtol=0)  # saved, loaded: bit for bit
 
 
 def test_card_reports_the_warm_start_and_the_total_time():

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tolerance import rounding
 
 from memzoo.tasks import passkey
 from memzoo.tasks.passkey import make_eval_grid, make_sample, make_training_batch, random_key, score
@@ -166,9 +167,11 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         assert tok.decode(labels[row][answer]) == f" {key}."
         rest = ~(copy | answer)
         rest[-1] = False
+        # exact by construction: each weight is one IEEE division (group weight / group size), the
+        # same on every machine; allclose's default only absorbs the fp32 rounding of 1/5 and 1/7
         assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 7))
         assert torch.allclose(w[rest], 0.2 / rest.sum().float())
-        assert w.sum().item() == pytest.approx(2.2)
+        assert w.sum().item() == pytest.approx(2.2, rel=rounding(n=w.numel()))  # an fp32 sum of 400 weights
         # The needle sentence's span, for analyses (which of its tokens a cache still holds).
         start, end = batch["needle_spans"][row].tolist()
         assert tok.decode(ids[row, start:end]) == f"The pass key is {key}. Remember it. {key} is the pass key."
@@ -186,12 +189,13 @@ def test_training_batch_options(tok):
         assert LANDMARK_INTRO + "\n\nThe pass key" in tok.decode(fixed["input_ids"][row])
     custom = make_training_batch(1, 300, tok, generator=5, answer_weight=3.0, copy_weight=2.0, other_weight=0.0)
     w = custom["loss_weights"][0]
+    # exact fractions (one division each); the defaults only absorb their fp32 rounding
     assert sorted(set(w.tolist())) == pytest.approx([0.0, 2.0 / 5, 3.0 / 7])
     assert torch.isclose(w, torch.tensor(3.0 / 7)).sum() == 7 and torch.isclose(w, torch.tensor(2.0 / 5)).sum() == 5
     # A group's weight does not depend on the prompt length: the answer keeps its share.
-    longer = make_training_batch(1, 900, tok, generator=5)
-    assert longer["loss_weights"][0].sum().item() == pytest.approx(2.2)
-    assert longer["loss_weights"][0, -8:-1].sum().item() == pytest.approx(1.0)
+    longer = make_training_batch(1, 900, tok, generator=5)["loss_weights"][0]
+    assert longer.sum().item() == pytest.approx(2.2, rel=rounding(n=longer.numel()))  # fp32 sums of 900 and 7 weights
+    assert longer[-8:-1].sum().item() == pytest.approx(1.0, rel=rounding(n=7))
     with pytest.raises(ValueError, match="answer.*too small"):
         make_training_batch(1, min_length(12345), tok, generator=0)
 

@@ -742,9 +742,32 @@ def performance_section() -> str:
     return "\n\n".join(parts)
 
 
+def namm_feature_probe_snippet() -> str:
+    """How well a logistic probe on NAMM's features tells needle tokens from filler
+    (``recipes/namm_feature_probe.py`` -> ``docs/results/namm/feature_probe.json``), for the NAMM page."""
+    path = RESULTS / "namm" / "feature_probe.json"
+    if not path.is_file():
+        return f"{NOT_MEASURED} Run `python recipes/namm_feature_probe.py` (and again with `--key-redundancy`)."
+    probes = json.loads(path.read_text())
+    layers = sorted({name.split(".")[0] for p in probes.values() for name in p["per_head_auc"]})
+    rows = []
+    for p in probes.values():
+        auc = p["per_head_auc"]
+        means = [_mean([v for k, v in auc.items() if k.startswith(f"{layer}.")]) for layer in layers]
+        rows.append([md_escape(p["features"]), f"{p['auc_min']:.3f}-{p['auc_max']:.3f}", *[f"{m:.3f}" for m in means], f"`{p['command']}`"])
+    first = next(iter(probes.values()))
+    return (
+        table(["features", "AUC per head (min-max)", *[f"{layer} mean" for layer in layers], "command"], rows)
+        + f"\n\nPrompts of {first['length']} tokens, needle depths {', '.join(f'{d:g}' for d in first['depths'])}, "
+        f"{first['n_prompts']} prompts: {first['samples']:,} (token, eviction step) samples, {first['needle_samples']:,} of them "
+        "needle tokens. AUC 0.5 = no better than chance, 1.0 = a threshold separates them.\n\n"
+        + GENERATED_BY.format(what=f"`{rel(path)}`")
+    )
+
+
 def other_results_section() -> str:
     known = {RESULTS / "passkey", RESULTS / "passkey-probe", RESULTS / "booksum"}
-    drawn = {RESULTS / "bench" / "bench.json"}  # performance_section()
+    drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json"}  # performance_section(), the NAMM page
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
         return ""
@@ -922,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce_snippet()
     warnings += api_pages()
     write(GEN / "designs.md", designs_snippet(memzoo))
+    write(GEN / "namm-feature-probe.md", namm_feature_probe_snippet())
     for w in warnings:
         print(f"gen_pages: warning: {w}", file=sys.stderr)
     timed = {k: v for k, v in measured.items() if "seconds" in v}

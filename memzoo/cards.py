@@ -157,7 +157,7 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             f"Command: `{training['command']}`",
         ]
         if training.get("scorer"):
-            lines += ["", f"The NAMM scorer is the evolved one in `{training['scorer']}` (evolved on another backbone: see its card)."]
+            lines += ["", f"The NAMM scorer is `{training['scorer']}`: how it was made is on its card."]
     elif training:
         planned = training.get("train", {}).get("steps", 0)  # max_minutes may end a run early
         stopped = f"; the time limit stopped it before the planned {planned}" if planned > training["steps"] else ""
@@ -199,7 +199,8 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             accuracy_table(results),
             "",
             "prompt tokens/s counts every prompt's tokens, though the filler before the needle is streamed once per cell and "
-            "shared by its keys (exact, by split invariance); state bytes are per sequence.",
+            "shared by its keys (exact, by split invariance); state bytes are per sequence. Depth 1 puts the needle right "
+            "before the question, within any local window: a hit there is local context, not memory.",
         ]
         correct = sum(c["correct"] for c in results["cells"])
         if correct == 0:

@@ -151,6 +151,14 @@ def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace, leng
     return kept, list(earlier.get("commands", []))
 
 
+def results_stem(checkpoint: str | Path, design: str) -> str:
+    """Name of a checkpoint's results file: the design, or the variant a shipped folder names
+    (``checkpoints/passkey-namm-paper`` -> ``namm-paper``), so two checkpoints of one design keep
+    separate results."""
+    folder = Path(checkpoint).name
+    return folder.removeprefix("passkey-") if folder.startswith(f"passkey-{design}-") else design
+
+
 def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -161,7 +169,7 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = memzoo.load(path)
     name = model.config.memory
-    out_json = Path(args.out) / f"{name}.json"
+    out_json = Path(args.out) / f"{results_stem(path, name)}.json"
     weights = _weights_sha256(path)
     lengths = _lengths(args)
     kept, commands = _reusable_cells(out_json, weights, args, lengths) if args.resume else ([], [])

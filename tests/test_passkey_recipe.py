@@ -269,3 +269,13 @@ def test_a_mix_stage_trains_its_shapes_in_turn(tmp_path):
     )
     with pytest.raises(ValueError, match="needs n_tokens and batch_size"):
         load_recipe(bad)
+
+
+def test_results_are_named_after_the_checkpoints_variant():
+    """Two checkpoints of one design keep separate results files; any other folder is named by its design."""
+    from memzoo.cli import results_stem
+
+    assert results_stem("checkpoints/passkey-namm-paper", "namm") == "namm-paper"
+    assert results_stem("checkpoints/passkey-namm", "namm") == "namm"
+    assert results_stem("checkpoints/passkey-infini-linear", "infini-linear") == "infini-linear"
+    assert results_stem("runs/my-run/model", "window") == "window"

@@ -144,7 +144,9 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             f"The weights of `{training['derived_from']}` with the `{name}` cache policy; its scorer was evolved by CMA-ES "
             f"(population {ev['popsize']}, sigma0 {ev['sigma0']}) for {ev['generations']} generations "
             f"({ev['wall_s'] / 60:.1f} min, tasks {', '.join(ev['tasks'])}, "
-            f"best fitness {ev['best_fitness']:.4f} = score / full-cache score)"
+            + (f"best fitness {ev['best_fitness']:.4f} = score / full-cache score)" if ev.get("fitness", "ratio") == "ratio"
+               else f"best candidate's answer score {ev['best_fitness']:.4f}"
+               + (f", best held-out score of the mean {ev['held_out']:.4f}" if ev.get("held_out") is not None else "") + ")")
             + ("" if ev.get("complete", True) else ", **best so far of an unfinished run**") + f". Scorer alone: `{ev['scorer']}`.",
             "",
             f"Command: `{training['command']}`",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import socket
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 import memzoo
 from memzoo.memories.namm import load_namm_parameters, namm_parameter_count
 from memzoo.tasks.retrieval import make_task, score_answers
-from memzoo.training.evolution import Evolution, EvolutionConfig, compare_policies, evolve_namm, load_evolve_config
+from memzoo.training.evolution import Evolution, EvolutionConfig, compare_policies, evolve_namm, load_evolve_config, n_tokens_at
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 320  # >= cma's TPA_dimension (300): the step-size adaptation of the real 4172-dim run, with its injected samples
@@ -142,8 +143,138 @@ def test_shipped_evolve_configs_load():
     for path in configs:
         config = load_evolve_config(path)
         evo = EvolutionConfig(**config["evolution"])
-        assert evo.popsize == 32 and evo.sigma0 == 0.065  # the paper's numbers
-        assert {"budget", "evict_every"} <= set(config["memory"]) and config["tasks"]["n_tokens"] > sum(config["memory"].values())
+        if path.stem == "namm":  # the paper's search
+            assert evo.popsize == 32 and evo.sigma0 == 0.065
+        cache = config["memory"]["budget"] + config["memory"]["evict_every"]
+        assert n_tokens_at(config["tasks"], 0) > cache  # every prompt evicts
+        if config.get("init"):
+            assert load_namm_parameters(REPO / config["init"]).numel() > 0
+
+
+def held_out_sphere(x):
+    """Another target: the held-out score disagrees with the training one, as held-out prompts do."""
+    return -float(np.sum((x - 0.5 * TARGET) ** 2)), {}
+
+
+def test_held_out_scores_the_mean_and_resume_keeps_its_best(tmp_path):
+    """The mean is scored on held-out prompts every 2 generations and at the last; the best of those
+    means is what export 'best_held_out' ships, and a resumed run keeps it exactly."""
+    cfg = dict(generations=5, held_out_every=2, export="best_held_out")
+    straight = Evolution(sphere, np.zeros(DIM), toy_config(**cfg), tmp_path / "a", held_out=held_out_sphere)
+    records = [straight.step() for _ in range(5)]
+    assert [r["generation"] for r in records if r["held_out"] is not None] == [2, 4, 5]
+    assert straight.best_held_out == max(r["held_out"] for r in records if r["held_out"] is not None)
+    assert held_out_sphere(straight.best_held_out_x)[0] == straight.best_held_out  # it is that generation's mean
+    saved = {name: load_namm_parameters(tmp_path / "a" / f"{name}.safetensors").double().numpy() for name in ("mean", "best_held_out")}
+    np.testing.assert_array_equal(saved["mean"], straight.mean.astype(np.float32))  # stored as fp32: bit for bit
+    np.testing.assert_array_equal(saved["best_held_out"], straight.best_held_out_x.astype(np.float32))
+
+    Evolution(sphere, np.zeros(DIM), toy_config(**cfg | {"generations": 3}), tmp_path / "b", held_out=held_out_sphere).run(progress=False)
+    resumed = Evolution(sphere, np.zeros(DIM), toy_config(**cfg), tmp_path / "b", held_out=held_out_sphere)
+    resumed.run(progress=False)
+    assert (resumed.best_held_out, resumed.best_held_out_generation) == (straight.best_held_out, straight.best_held_out_generation)
+    np.testing.assert_array_equal(resumed.best_held_out_x, straight.best_held_out_x)
+
+
+def test_held_out_options_are_checked():
+    with pytest.raises(ValueError, match="needs held_out_every"):
+        EvolutionConfig(export="best_held_out")
+    with pytest.raises(ValueError, match="export must be one of"):
+        EvolutionConfig(export="last")
+    with pytest.raises(ValueError, match="no held_out scorer"):
+        Evolution(sphere, np.zeros(DIM), toy_config(held_out_every=1))
+
+
+def test_a_fitness_that_resamples_is_told_each_generation():
+    seen = []
+
+    def evaluate(x, tasks):
+        return sphere(x, tasks)
+
+    evaluate.set_generation = seen.append
+    evo = Evolution(evaluate, np.zeros(DIM), toy_config(generations=3))
+    evo.run(progress=False)
+    assert seen == [0, 1, 2]
+
+
+def test_prompts_resample_per_generation_and_lengths_follow_the_curriculum():
+    from memzoo.training.evolution import _task_sets
+
+    lengths = [{"n_tokens": 300, "from_generation": 0}, {"n_tokens": 400, "from_generation": 2}]
+    assert [n_tokens_at({"n_tokens": lengths}, g) for g in (0, 1, 2, 9)] == [300, 300, 400, 400]
+    assert n_tokens_at({"n_tokens": lengths}, math.inf) == 400 and n_tokens_at({"n_tokens": 300}, 5) == 300
+    fixed = {"tasks": {"n_prompts": 2, "n_tokens": lengths, "seed": 0}}
+    resampled = {"tasks": fixed["tasks"] | {"resample": True}}
+    a, b = (_task_sets(fixed, ["passkey"], g)["passkey"] for g in (0, 1))
+    assert a is b  # one fixed set, built once
+    c, d = (_task_sets(resampled, ["passkey"], g)["passkey"] for g in (0, 1))
+    assert c.prompts.shape == d.prompts.shape == (2, 300) and not torch.equal(c.prompts, d.prompts)
+    assert not torch.equal(c.prompts, a.prompts)  # resampled prompts are not the fixed set's
+    assert _task_sets(resampled, ["passkey"], 2)["passkey"].prompts.shape == (2, 400)
+
+
+def test_score_fitness_needs_no_full_cache():
+    from memzoo.training.evolution import namm_fitness
+
+    torch.manual_seed(0)
+    namm = memzoo.build("namm", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32)
+    task = make_task("passkey", 2, 300, seed=0)
+    fitness, details = namm_fitness(namm, None, {"passkey": task}, segment_len=64, relative=False)(
+        np.zeros(namm_parameter_count()), ["passkey"])  # fmt: skip
+    assert fitness == details["passkey"]["score"] == score_answers(namm, task, 64)["score"]  # the same computation
+    assert "ratio" not in details["passkey"]
+
+
+BAD_TASKS = [
+    ({"fitness": "auc"}, "tasks.fitness"),
+    ({"n_tokens": [{"n_tokens": 300, "from_generation": 1}]}, "starting at"),
+    ({"n_tokens": 0}, "positive length"),
+    ({"prompts": 3}, "unknown tasks option"),
+]
+
+
+@pytest.mark.parametrize("bad, match", BAD_TASKS)
+def test_bad_task_options_are_refused(tmp_path, bad, match):
+    import yaml
+
+    config = load_evolve_config(REPO / "recipes" / "configs" / "evolve" / "namm.yaml")
+    config["tasks"] |= bad
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=match):
+        load_evolve_config(path)
+
+
+def test_evolve_with_resampling_held_out_and_a_start_vector(tmp_path):
+    """The long-prompt recipe's options end to end on a tiny backbone: key redundancy, a start vector,
+    prompts drawn anew each generation, answer-score fitness, the held-out mean exported."""
+    from memzoo.memories.namm import redundancy_rule, save_namm_parameters
+
+    torch.manual_seed(0)
+    memzoo.build("full", d_model=32, n_layers=1, n_heads=2).save_pretrained(tmp_path / "backbone")
+    save_namm_parameters(tmp_path / "rule.safetensors", redundancy_rule(0.9))
+    config = {
+        "name": "tiny-long",
+        "backbone": [str(tmp_path / "backbone")],
+        "memory": {"budget": 64, "evict_every": 32, "key_redundancy": True, "n_recent": 16},
+        "init": str(tmp_path / "rule.safetensors"),
+        "tasks": {"n_prompts": 2, "n_tokens": 300, "seed": 0, "segment_len": 64, "fitness": "score", "resample": True},
+        "evolution": {"popsize": 4, "sigma0": 0.01, "generations": 2, "held_out_every": 1, "export": "best_held_out"},
+        "out": str(tmp_path / "run"),
+        "scorer_out": str(tmp_path / "scorer"),
+        "checkpoint_out": str(tmp_path / "ckpt"),
+    }
+    summary = evolve_namm(config, progress=False)
+    assert summary["full_scores"] == {}  # the score fitness never ran the full cache
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["held_out"] is not None for r in records] == [True, True]
+    assert summary["best_held_out"] == max(r["held_out"] for r in records)
+    shipped = load_namm_parameters(tmp_path / "scorer")
+    torch.testing.assert_close(shipped, load_namm_parameters(tmp_path / "run" / "best_held_out.safetensors"), atol=0, rtol=0)  # a copy
+    torch.testing.assert_close(load_namm_parameters(tmp_path / "ckpt"), shipped, atol=0, rtol=0)
+    assert shipped.numel() == namm_parameter_count(26)
+    card = (tmp_path / "scorer" / "README.md").read_text()
+    assert "best on the held-out prompts" in card and "mean, held out" in card
 
 
 def test_evolve_namm_end_to_end_tiny(tmp_path):

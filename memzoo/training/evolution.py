@@ -38,6 +38,8 @@ also stores ``C``/``B``/``D`` but its eigendecomposition schedule is not checked
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -63,6 +65,10 @@ _PARTS = ("es", "adapt_sigma", "sigma_vec", "sm", "best")
 _SKIP = {"ary", "pop_sorted", "x0", "mean0", "sigma0", "sigma_vec0", "inputargs", "inopts", "N", "N_pheno", "dimension", "_mueff", "_lam"}
 
 
+#: the vectors a run can ship (:attr:`EvolutionConfig.export`), each saved in the run folder under this name
+EXPORTS = {"best": "best.safetensors", "mean": "mean.safetensors", "best_held_out": "best_held_out.safetensors"}
+
+
 @dataclass
 class EvolutionConfig:
     """CMA-ES settings.
@@ -78,6 +84,12 @@ class EvolutionConfig:
         diagonal: separable CMA-ES (linear in the dimension); False = full covariance.
         max_minutes: stop (after a complete generation, state saved) once this wall time has passed.
         evaluate_mean: also evaluate the distribution mean each generation (logged as ``mean_fitness``).
+        held_out_every: score the distribution mean on the fixed held-out prompts every this many
+            generations and at the last one (logged as ``held_out``); 0 = never.
+        export: which vector ships: ``"best"`` (the best candidate seen; with resampled prompts each
+            generation's prompts differ, so it is the luckiest more than the best), ``"mean"`` (the last
+            distribution mean, as the paper's code exports) or ``"best_held_out"`` (the mean that scored
+            best on the held-out prompts; needs ``held_out_every``).
     """
 
     popsize: int = 32
@@ -88,10 +100,16 @@ class EvolutionConfig:
     diagonal: bool = True
     max_minutes: float | None = None
     evaluate_mean: bool = True
+    held_out_every: int = 0
+    export: str = "best"
 
     def __post_init__(self):
         if self.popsize < 2 or self.sigma0 <= 0:
             raise ValueError(f"need popsize >= 2 and sigma0 > 0, got popsize={self.popsize}, sigma0={self.sigma0}")
+        if self.export not in EXPORTS:
+            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        if self.export == "best_held_out" and self.held_out_every < 1:
+            raise ValueError("export 'best_held_out' needs held_out_every >= 1 (how often the mean is scored on held-out prompts)")
         if not self.curriculum or min(int(c["from_generation"]) for c in self.curriculum) != 0:
             raise ValueError(f"the curriculum must start a task at generation 0, got {self.curriculum}")
 
@@ -208,31 +226,44 @@ class Evolution:
 
     Args:
         evaluate: ``(vector [n] float64, tasks) -> (fitness, details)``; details is JSON-serialisable.
-            Deterministic: every rank must get the same number for the same call.
+            Deterministic: every rank must get the same number for the same call. If it has a
+            ``set_generation(g)`` method, that is called before each generation's evaluations (a
+            fitness that draws new prompts every generation, see :func:`namm_fitness`).
         x0: [n] the start (the mean of the first generation).
         config: :class:`EvolutionConfig`.
         out_dir: ``log.jsonl`` (a line per generation), ``best.safetensors`` (the best vector, key ``namm``),
-            ``state/`` (the resumable state). Rank 0 writes; None = nothing written.
+            ``mean.safetensors`` (the last distribution mean), ``best_held_out.safetensors`` (the mean
+            that scored best on held-out prompts), ``state/`` (the resumable state). Rank 0 writes;
+            None = nothing written.
+        held_out: ``(vector) -> (score, details)`` on a fixed set of prompts never used for selection;
+            the mean is scored with it every ``config.held_out_every`` generations.
 
     Example:
         >>> evo = Evolution(namm_fitness(namm_model, full_model, tasks), x0, EvolutionConfig(), "runs/namm-evolve")
         >>> evo.run()  # resumes from runs/namm-evolve/state if present
     """
 
-    def __init__(self, evaluate: Evaluate, x0, config: EvolutionConfig, out_dir: str | Path | None = None, *, resume: bool = True):
-        self.evaluate, self.config = evaluate, config
+    def __init__(self, evaluate: Evaluate, x0, config: EvolutionConfig, out_dir: str | Path | None = None, *, resume: bool = True,
+                 held_out: Callable[[np.ndarray], tuple[float, dict]] | None = None):  # fmt: skip
+        if config.held_out_every and held_out is None:
+            raise ValueError("held_out_every is set but no held_out scorer was given")
+        self.evaluate, self.config, self.held_out = evaluate, config, held_out
         self.x0 = np.asarray(x0, dtype=np.float64).ravel()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.rank, self.world = _rank_world()
         self.generation, self.wall_s = 0, 0.0
         self.best_fitness, self.best_details, self.best_tasks = -math.inf, {}, []
         self.best_x = self.x0.copy()
+        self.best_held_out, self.best_held_out_generation, self.best_held_out_x = -math.inf, None, None
         state = self.out_dir / "state" if self.out_dir is not None else None
         if resume and state is not None and (state / "state.json").is_file():
             self.es, extra = load_cma_state(state, self.x0, config)
             self.generation, self.wall_s = extra["generation"], extra["wall_s"]
             self.best_fitness, self.best_details, self.best_tasks = extra["best_fitness"], extra["best_details"], extra["best_tasks"]
             self.best_x = np.asarray(json.loads((state / "best_x.json").read_text()), dtype=np.float64)  # JSON floats round-trip exactly
+            if extra.get("best_held_out_generation") is not None:
+                self.best_held_out, self.best_held_out_generation = extra["best_held_out"], extra["best_held_out_generation"]
+                self.best_held_out_x = np.asarray(json.loads((state / "best_held_out_x.json").read_text()), dtype=np.float64)
         else:
             self.es = _new_es(self.x0, config)
 
@@ -241,12 +272,14 @@ class Evolution:
         """The distribution mean [n]."""
         return np.asarray(self.es.mean, dtype=np.float64).copy()
 
-    def _evaluate_all(self, candidates: list[np.ndarray], tasks: list[str]) -> tuple[np.ndarray, list[dict]]:
-        """Fitness of every candidate, each computed on one rank, then shared (identical on every rank)."""
+    def _evaluate_all(self, candidates: list[np.ndarray], tasks: list[str], scorer=None) -> tuple[np.ndarray, list[dict]]:
+        """Fitness of every candidate (``scorer(x)``, default ``evaluate(x, tasks)``), each computed on one
+        rank, then shared (identical on every rank)."""
+        scorer = scorer or (lambda x: self.evaluate(x, tasks))
         fits = torch.zeros(len(candidates), dtype=torch.float64)
         details: list[dict] = [{} for _ in candidates]
         for i in range(self.rank, len(candidates), self.world):
-            fits[i], details[i] = self.evaluate(candidates[i], tasks)
+            fits[i], details[i] = scorer(candidates[i])
         if self.world > 1:
             dist.all_reduce(fits)  # each entry is non-zero on one rank only: a gather
             gathered: list = [None] * self.world
@@ -258,6 +291,8 @@ class Evolution:
         """One generation: ask, evaluate (split over ranks), tell. Returns its log record."""
         start = time.perf_counter()
         tasks = self.config.tasks_at(self.generation)
+        if hasattr(self.evaluate, "set_generation"):
+            self.evaluate.set_generation(self.generation)
         if tasks != self.best_tasks and self.best_tasks:  # the fitness changed: re-measure the best so far
             (self.best_fitness,), (self.best_details,) = self._evaluate_all([self.best_x], tasks)
             self.best_tasks = tasks
@@ -268,9 +303,17 @@ class Evolution:
         i = int(np.argmax(fits[: len(population)]))
         if fits[i] > self.best_fitness or not self.best_tasks:
             self.best_fitness, self.best_x, self.best_details, self.best_tasks = float(fits[i]), population[i].copy(), details[i], tasks
+        self.generation += 1
+        held_out, held_out_details = None, None
+        every = self.config.held_out_every
+        if every and (self.generation % every == 0 or self.generation == self.config.generations):
+            mean = self.mean
+            (held_out,), (held_out_details,) = self._evaluate_all([mean], tasks, scorer=self.held_out)
+            held_out = float(held_out)
+            if held_out > self.best_held_out:
+                self.best_held_out, self.best_held_out_generation, self.best_held_out_x = held_out, self.generation, mean
         seconds = time.perf_counter() - start
         self.wall_s += seconds
-        self.generation += 1
         pop = fits[: len(population)]
         record = {
             "generation": self.generation,
@@ -281,6 +324,8 @@ class Evolution:
             "generation_worst": float(pop.min()),
             "mean_fitness": float(fits[-1]) if extra else None,
             "mean_details": details[-1] if extra else None,
+            "held_out": held_out,
+            "held_out_details": held_out_details,
             "best_details": self.best_details,
             "sigma": float(self.es.sigma),
             "evaluations": int(self.es.countevals),
@@ -299,11 +344,17 @@ class Evolution:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        save_namm_parameters(self.out_dir / "best.safetensors", torch.from_numpy(self.best_x))
+        save_namm_parameters(self.out_dir / EXPORTS["best"], torch.from_numpy(self.best_x))
+        save_namm_parameters(self.out_dir / EXPORTS["mean"], torch.from_numpy(self.mean))
+        if self.best_held_out_x is not None:
+            save_namm_parameters(self.out_dir / EXPORTS["best_held_out"], torch.from_numpy(self.best_held_out_x))
         extra = {"generation": self.generation, "wall_s": self.wall_s, "best_fitness": self.best_fitness,
-                 "best_details": self.best_details, "best_tasks": self.best_tasks, "config": asdict(self.config)}  # fmt: skip
+                 "best_details": self.best_details, "best_tasks": self.best_tasks, "config": asdict(self.config),
+                 "best_held_out": self.best_held_out, "best_held_out_generation": self.best_held_out_generation}  # fmt: skip
         save_cma_state(self.es, self.out_dir / "state", extra)
         (self.out_dir / "state" / "best_x.json").write_text(json.dumps([float(v) for v in self.best_x]))
+        if self.best_held_out_x is not None:
+            (self.out_dir / "state" / "best_held_out_x.json").write_text(json.dumps([float(v) for v in self.best_held_out_x]))
 
     def run(self, progress: bool = True) -> dict:
         """Generations until ``config.generations`` (counting resumed ones) or ``config.max_minutes``.
@@ -344,54 +395,117 @@ def _check_informative(name: str, full_score: float, min_full_score: float) -> N
 
 
 def namm_fitness(
-    namm_model, full_model, tasks: dict, segment_len: int = 128, full_scores: dict | None = None, min_full_score: float = MIN_FULL_SCORE
+    namm_model,
+    full_model,
+    tasks: dict | Callable[[int], dict],
+    segment_len: int = 128,
+    full_scores: dict | None = None,
+    min_full_score: float = MIN_FULL_SCORE,
+    relative: bool = True,
 ) -> Evaluate:
     """The NAMM fitness: mean over the active tasks of score(NAMM) / score(full cache), same prompts.
 
     Args:
         namm_model: a memzoo ``namm`` model (its scorer is overwritten by each candidate).
-        full_model: the same backbone with ``full`` memory.
-        tasks: ``{name: RetrievalSet}`` (:mod:`memzoo.tasks.retrieval`).
+        full_model: the same backbone with ``full`` memory (unused, may be None, when ``relative`` is False).
+        tasks: ``{name: RetrievalSet}`` (:mod:`memzoo.tasks.retrieval`), or ``generation -> {name: RetrievalSet}``
+            to draw new prompts every generation (the returned ``evaluate`` then has ``set_generation``,
+            which :class:`Evolution` calls; every candidate of a generation sees the same prompts).
         segment_len: tokens per forward call while streaming.
-        full_scores: ``{name: score_answers result}`` of the full cache, if known; missing ones are
-            computed on first use and kept (``evaluate.full_scores``).
-        min_full_score: a task whose full-cache score is below this raises ValueError (its ratio
-            would be noise, see :data:`MIN_FULL_SCORE`).
+        full_scores: ``{name: score_answers result}`` of the full cache, if known (fixed ``tasks`` only);
+            missing ones are computed on first use and kept (``evaluate.full_scores``).
+        min_full_score: with ``relative``, a task whose full-cache score is below this raises
+            ValueError (its ratio would be noise, see :data:`MIN_FULL_SCORE`).
+        relative: divide by the full cache's score. False: the score itself (``exp(-mean CE)`` of the
+            answer), for prompts longer than the backbone's trained positions, where a full cache reads
+            nothing and the ratio would be noise.
 
     Returns:
-        ``evaluate(vector, task_names) -> (fitness, {task: {"ratio", "score", "accuracy", "prob"}})``.
+        ``evaluate(vector, task_names) -> (fitness, {task: {"ratio" (if relative), "score", "accuracy", "prob"}})``.
     """
     from ..memories.namm import set_namm_parameters
     from ..tasks.retrieval import score_answers
 
+    draw = tasks if callable(tasks) else None
+    current = {"sets": tasks if draw is None else None}
     cache = dict(full_scores or {})
 
+    def set_generation(generation: int) -> None:
+        if draw is not None:
+            sets = draw(generation)
+            if sets is not current["sets"]:
+                cache.clear()  # other prompts: the full cache's scores are measured again
+            current["sets"] = sets
+
     def evaluate(vector: np.ndarray, names: Sequence[str]) -> tuple[float, dict]:
+        if current["sets"] is None:
+            set_generation(0)
+        sets = current["sets"]
         set_namm_parameters(namm_model, torch.as_tensor(np.asarray(vector), dtype=torch.float32))
         details = {}
         for name in names:
-            if name not in cache:
-                cache[name] = score_answers(full_model, tasks[name], segment_len)
-            _check_informative(name, cache[name]["score"], min_full_score)
-            r = score_answers(namm_model, tasks[name], segment_len)
-            details[name] = {"ratio": r["score"] / cache[name]["score"], "score": r["score"], "accuracy": r["accuracy"], "prob": r["prob"]}
-        return float(np.mean([d["ratio"] for d in details.values()])), details
+            r = score_answers(namm_model, sets[name], segment_len)
+            details[name] = {"score": r["score"], "accuracy": r["accuracy"], "prob": r["prob"]}
+            if relative:
+                if name not in cache:
+                    cache[name] = score_answers(full_model, sets[name], segment_len)
+                _check_informative(name, cache[name]["score"], min_full_score)
+                details[name]["ratio"] = r["score"] / cache[name]["score"]
+        key = "ratio" if relative else "score"
+        return float(np.mean([d[key] for d in details.values()])), details
 
     evaluate.full_scores = cache
+    if draw is not None:
+        evaluate.set_generation = set_generation
     return evaluate
 
 
 # ------------------------------------------------------------------------------------ the NAMM recipe
-_EVOLVE_SECTIONS = {"name", "backbone", "memory", "tasks", "evolution", "out", "scorer_out", "checkpoint_out", "notes"}
+_EVOLVE_SECTIONS = {"name", "backbone", "memory", "tasks", "evolution", "init", "out", "scorer_out", "checkpoint_out", "notes"}
+_TASK_OPTIONS = {"n_prompts", "n_tokens", "seed", "segment_len", "min_full_score", "fitness", "resample", "held_out_prompts"}
+
+#: Seed offsets of the prompt sets: generation g of a resampling run draws seed + RESAMPLE_SEED + g, the held-out
+#: prompts are seed + HELD_OUT_SEED, ``memzoo namm compare`` uses seed + 1000; a fixed set is seed itself.
+RESAMPLE_SEED, HELD_OUT_SEED = 10_000, 1_000_000
+
+
+def n_tokens_at(tasks: dict, generation: int | float) -> int:
+    """Prompt length at ``generation``: ``tasks["n_tokens"]`` is a length, or a curriculum of lengths
+    ``[{"n_tokens": 2048, "from_generation": 0}, {"n_tokens": 4096, "from_generation": 10}, ...]``
+    (``math.inf`` gives the last stage's: the length the run aims at)."""
+    spec = tasks["n_tokens"]
+    if isinstance(spec, int):
+        return spec
+    return int([s for s in sorted(spec, key=lambda s: s["from_generation"]) if s["from_generation"] <= generation][-1]["n_tokens"])
+
+
+def _check_tasks(path: Path, tasks: dict) -> None:
+    unknown = set(tasks) - _TASK_OPTIONS
+    if unknown:
+        raise ValueError(f"{path}: unknown tasks option(s) {sorted(unknown)}; valid: {sorted(_TASK_OPTIONS)}")
+    if tasks.get("fitness", "ratio") not in ("ratio", "score"):
+        raise ValueError(f"{path}: tasks.fitness must be 'ratio' (score / full-cache score) or 'score', got {tasks['fitness']!r}")
+    spec = tasks.get("n_tokens")
+    stages = spec if isinstance(spec, list) else [{"n_tokens": spec, "from_generation": 0}]
+    if not all(isinstance(s, dict) and isinstance(s.get("n_tokens"), int) and s["n_tokens"] > 0 for s in stages) or min(
+        s.get("from_generation", -1) for s in stages
+    ) != 0:
+        raise ValueError(
+            f"{path}: tasks.n_tokens must be a positive length or a list of {{n_tokens, from_generation}} starting at "
+            f"generation 0, got {spec!r}"
+        )
 
 
 def load_evolve_config(path: str | Path) -> dict:
     """Read and check an evolution YAML (``recipes/configs/evolve/namm.yaml``).
 
     Sections: ``backbone`` (checkpoint folders, the first that exists is used), ``memory`` (``budget``,
-    ``evict_every``), ``tasks`` (``n_prompts``, ``n_tokens``, ``seed``, ``segment_len``, optional
-    ``min_full_score``), ``evolution``
-    (fields of :class:`EvolutionConfig`), ``out`` (run folder), ``scorer_out``, ``checkpoint_out``.
+    ``evict_every`` and any other NAMM option), ``tasks`` (``n_prompts``, ``n_tokens`` (a length or a
+    curriculum, :func:`n_tokens_at`), ``seed``, ``segment_len``; optional ``min_full_score``,
+    ``fitness`` (``ratio`` or ``score``, see :func:`namm_fitness`), ``resample`` (new prompts every
+    generation), ``held_out_prompts`` (size of the held-out set, default ``n_prompts``)), ``evolution``
+    (fields of :class:`EvolutionConfig`), ``init`` (a scorer file or folder to start from; default
+    the untrained scorer), ``out`` (run folder), ``scorer_out``, ``checkpoint_out``.
     """
     import yaml
 
@@ -403,6 +517,7 @@ def load_evolve_config(path: str | Path) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {sorted(_EVOLVE_SECTIONS)}")
     EvolutionConfig(**config.get("evolution", {}))  # raises on unknown or bad options
+    _check_tasks(path, config.get("tasks", {}))
     from ..tasks.retrieval import TASKS
 
     bad = {c["task"] for c in config.get("evolution", {}).get("curriculum", [])} - set(TASKS)
@@ -433,11 +548,18 @@ def _models(config: dict):
     return path, step, namm, full
 
 
-def _task_sets(config: dict, names: Sequence[str], seed_offset: int = 0) -> dict:
+def _task_sets(config: dict, names: Sequence[str], generation: int = 0) -> dict:
+    """The prompts of ``generation``: the same set every generation, unless ``tasks.resample``."""
+    t = config["tasks"]
+    seed = t["seed"] + (RESAMPLE_SEED + generation if t.get("resample") else 0)
+    return _prompt_sets(tuple(names), t["n_prompts"], n_tokens_at(t, generation), seed)
+
+
+@functools.lru_cache(maxsize=2)  # a fixed set is built once (and keeps its full-cache scores, see namm_fitness)
+def _prompt_sets(names: tuple[str, ...], n_prompts: int, n_tokens: int, seed: int) -> dict:
     from ..tasks.retrieval import make_task
 
-    t = config["tasks"]
-    return {n: make_task(n, t["n_prompts"], t["n_tokens"], t["seed"] + seed_offset) for n in names}
+    return {n: make_task(n, n_prompts, n_tokens, seed) for n in names}
 
 
 def evolve_namm(
@@ -470,23 +592,29 @@ def evolve_namm(
     evo_cfg = EvolutionConfig(**(config.get("evolution", {}) | overrides))
     path, step, namm, full = _models(config)
     names = sorted({c["task"] for c in evo_cfg.curriculum}, key=[c["task"] for c in evo_cfg.curriculum].index)
-    from ..memories.namm import namm_parameters
+    from ..memories.namm import load_namm_parameters, namm_parameters
 
-    fitness = namm_fitness(
-        namm,
-        full,
-        _task_sets(config, names),
-        segment_len=config["tasks"].get("segment_len", 128),
-        min_full_score=config["tasks"].get("min_full_score", MIN_FULL_SCORE),
-    )
+    t = config["tasks"]
+    options = dict(segment_len=t.get("segment_len", 128), min_full_score=t.get("min_full_score", MIN_FULL_SCORE),
+                   relative=t.get("fitness", "ratio") == "ratio")  # fmt: skip
+    changing = t.get("resample") or not isinstance(t["n_tokens"], int)
+    fitness = namm_fitness(namm, full, (lambda g: _task_sets(config, names, g)) if changing else _task_sets(config, names), **options)
+    held_out = None
+    if evo_cfg.held_out_every:  # a fixed set at the length the run aims at, never used for selection
+        held = namm_fitness(namm, full, _prompt_sets(tuple(names), t.get("held_out_prompts", t["n_prompts"]),
+                                                     n_tokens_at(t, math.inf), t["seed"] + HELD_OUT_SEED), **options)  # fmt: skip
+        held_out = lambda x: held(x, names)  # noqa: E731
     if not resume and out.exists():
         shutil.rmtree(out / "state", ignore_errors=True)
         (out / "log.jsonl").unlink(missing_ok=True)
-    evo = Evolution(fitness, namm_parameters(namm).double().numpy(), evo_cfg, out, resume=resume)
+    x0 = load_namm_parameters(config["init"]) if config.get("init") else namm_parameters(namm)
+    evo = Evolution(fitness, x0.double().numpy(), evo_cfg, out, resume=resume, held_out=held_out)
     summary = evo.run(progress=progress)
     summary |= {"backbone": str(path), "backbone_step": step, "full_scores": {k: {"score": v["score"], "accuracy": v["accuracy"]}
                                                                               for k, v in fitness.full_scores.items()},
-                "evolution": asdict(evo_cfg), "memory": config["memory"], "tasks": config["tasks"], "command": command}  # fmt: skip
+                "evolution": asdict(evo_cfg), "memory": config["memory"], "tasks": config["tasks"], "init": config.get("init"),
+                "best_held_out": evo.best_held_out if evo.best_held_out_x is not None else None,
+                "best_held_out_generation": evo.best_held_out_generation, "command": command}  # fmt: skip
     if evo.rank == 0:
         (out / "run.json").write_text(json.dumps(summary, indent=1))
         if export:
@@ -495,9 +623,11 @@ def evolve_namm(
 
 
 def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path]:
-    """Ship a run's best vector: ``scorer_out`` (safetensors + card) and ``checkpoint_out`` (the backbone with it).
+    """Ship a run's vector: ``scorer_out`` (safetensors + card) and ``checkpoint_out`` (the backbone with it).
 
-    Works on an unfinished run too (the best so far; the card says how many generations).
+    Which vector: ``evolution.export`` (:class:`EvolutionConfig`): the best candidate, the last mean, or
+    the mean that scored best on the held-out prompts. Works on an unfinished run too (the best so
+    far; the card says how many generations).
     """
     import memzoo
 
@@ -506,7 +636,10 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
     run = Path(run or config["out"])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    vector = load_namm_parameters(run / "best.safetensors")
+    export = summary.get("evolution", config["evolution"]).get("export", "best")
+    if not (run / EXPORTS[export]).is_file():
+        raise FileNotFoundError(f"{run} has no {EXPORTS[export]} to export ({export!r}): no held-out score yet? Run more generations")
+    vector = load_namm_parameters(run / EXPORTS[export])
     scorer_dir, ckpt_dir = Path(config["scorer_out"]), Path(config["checkpoint_out"])
     save_namm_parameters(scorer_dir / "namm.safetensors", vector)
     if summary.get("backbone"):  # the backbone the run used, not whatever the config finds now
@@ -521,6 +654,9 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
         "popsize": summary.get("evolution", config["evolution"]).get("popsize"),
         "sigma0": summary.get("evolution", config["evolution"]).get("sigma0"),
         "best_fitness": records[-1]["best_fitness"],
+        "exported": export,
+        "fitness": config["tasks"].get("fitness", "ratio"),
+        "held_out": max((r["held_out"] for r in records if r.get("held_out") is not None), default=None),
         "tasks": records[-1]["tasks"],
         "wall_s": records[-1]["wall_s"],
         "run": str(run),
@@ -532,7 +668,7 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
             "command": summary.get("command") or f"memzoo namm evolve --config recipes/configs/evolve/{config['name']}.yaml"}  # fmt: skip
     (ckpt_dir / "training.json").write_text(json.dumps(info, indent=1))
     shutil.copyfile(run / "log.jsonl", scorer_dir / "log.jsonl")  # the card's numbers, beside it (run folders are not shipped)
-    _fitness_figure(records, scorer_dir / "fitness.png")
+    _fitness_figure(records, scorer_dir / "fitness.png", relative=evolved["fitness"] == "ratio")
     _scorer_card(scorer_dir, info, records, config.get("notes", ""))
     from ..cards import write_card
 
@@ -540,7 +676,7 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
     return scorer_dir, ckpt_dir
 
 
-def _fitness_figure(records: list[dict], path: Path) -> None:
+def _fitness_figure(records: list[dict], path: Path, relative: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -552,12 +688,16 @@ def _fitness_figure(records: list[dict], path: Path) -> None:
     ax.plot(g, [r["generation_median"] for r in records], label="population median")
     if all(r.get("mean_fitness") is not None for r in records):
         ax.plot(g, [r["mean_fitness"] for r in records], label="distribution mean")
+    held = [(r["generation"], r["held_out"]) for r in records if r.get("held_out") is not None]
+    if held:
+        ax.plot(*zip(*held), "o-", color="black", label="mean, held-out prompts")
     for r0, r1 in zip(records, records[1:]):
         if r0["tasks"] != r1["tasks"]:
             ax.axvline(r1["generation"] - 0.5, color="grey", ls=":", lw=1)
-    ax.axhline(1.0, color="black", lw=0.5)
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (score / full-cache score)")
+    if relative:
+        ax.axhline(1.0, color="black", lw=0.5)
+    ax.set_ylabel("fitness (score / full-cache score)" if relative else "fitness (answer score, exp(-mean CE))")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,12 +707,21 @@ def _fitness_figure(records: list[dict], path: Path) -> None:
 
 def fitness_table(records: list[dict]) -> str:
     """Markdown table of a run's ``log.jsonl`` records: one row per generation."""
-    lines = ["| generation | tasks | best so far | population best | median | mean vector | sigma | wall s |", "|---" * 8 + "|"]
+    lines = ["| generation | tasks | best so far | population best | median | mean vector | mean, held out | sigma | wall s |",
+             "|---" * 9 + "|"]  # fmt: skip
     for r in records:
         mean = f"{r['mean_fitness']:.4f}" if r.get("mean_fitness") is not None else "-"
+        held = f"{r['held_out']:.4f}" if r.get("held_out") is not None else "-"
         lines.append(f"| {r['generation']} | {'+'.join(r['tasks'])} | {r['best_fitness']:.4f} | {r['generation_best']:.4f} | "
-                     f"{r['generation_median']:.4f} | {mean} | {r['sigma']:.4f} | {r['wall_s']:.0f} |")  # fmt: skip
+                     f"{r['generation_median']:.4f} | {mean} | {held} | {r['sigma']:.4f} | {r['wall_s']:.0f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+_EXPORT_WORDS = {
+    "best": "the best candidate seen (on its generation's prompts)",
+    "mean": "the last distribution mean",
+    "best_held_out": "the distribution mean that scored best on the held-out prompts",
+}
 
 
 def _scorer_card(folder: Path, info: dict, records: list[dict], notes: str = "") -> None:
@@ -593,8 +742,12 @@ def _scorer_card(folder: Path, info: dict, records: list[dict], notes: str = "")
         f"- backbone: `{info['derived_from']}`{step}",
         f"- CMA-ES (`cma`, separable), population {ev['popsize']}, sigma0 {ev['sigma0']}: {ev['generations']} generations "
         f"in {ev['wall_s'] / 60:.1f} min" + ("" if ev["complete"] else " (**best so far of an unfinished run**)"),
-        f"- fitness: task score (exp(-mean CE) of the answer, `memzoo.tasks.retrieval`) with the NAMM / with a full cache, "
-        f"same prompts, mean over tasks; final tasks {', '.join(ev['tasks'])}; best {ev['best_fitness']:.4f}",
+        ("- fitness: task score (exp(-mean CE) of the answer, `memzoo.tasks.retrieval`) with the NAMM / with a full cache, "
+         "same prompts, mean over tasks" if ev.get("fitness", "ratio") == "ratio" else
+         "- fitness: task score (exp(-mean CE) of the answer, `memzoo.tasks.retrieval`) with the NAMM, mean over tasks")
+        + f"; final tasks {', '.join(ev['tasks'])}; best candidate {ev['best_fitness']:.4f}"
+        + (f"; best mean on the held-out prompts {ev['held_out']:.4f}" if ev.get("held_out") is not None else ""),
+        f"- shipped vector: {_EXPORT_WORDS[ev.get('exported', 'best')]}",
         f"- log: `log.jsonl` (a copy of `{ev['run']}/log.jsonl`, one line per generation)", "",
         *([notes.strip(), ""] if notes else []),
         "![fitness](fitness.png)", "",
@@ -614,6 +767,7 @@ def compare_policies(config: dict, checkpoint: str | Path, designs: Sequence[str
     import memzoo
 
     from ..config import BACKBONE_FIELDS
+    from ..registry import memory_config
     from ..tasks.retrieval import make_task, score_answers
 
     source = memzoo.load(checkpoint).eval()  # the namm checkpoint: its scorer is the evolved one
@@ -623,12 +777,15 @@ def compare_policies(config: dict, checkpoint: str | Path, designs: Sequence[str
     weights = {k: v for k, v in source.state_dict().items() if k in backbone.state_dict()}
     backbone.load_state_dict(weights, strict=True)
     t = config["tasks"]
-    sets = {n: make_task(n, n_prompts, t["n_tokens"], t["seed"] + seed_offset) for n in tasks}
-    results = {"checkpoint": str(checkpoint), "memory": config["memory"], "n_prompts": n_prompts, "n_tokens": t["n_tokens"],
+    n_tokens = n_tokens_at(t, math.inf)  # the length the evolution aimed at
+    sets = {n: make_task(n, n_prompts, n_tokens, t["seed"] + seed_offset) for n in tasks}
+    results = {"checkpoint": str(checkpoint), "memory": config["memory"], "n_prompts": n_prompts, "n_tokens": n_tokens,
                "seed": t["seed"] + seed_offset, "designs": {}}  # fmt: skip
     models = {"full": backbone}
-    for d in designs:
-        models[d] = source if d == source.config.memory else memzoo.swap_memory(backbone, d, **config["memory"]).eval()
+    for d in designs:  # each at the same budget and rhythm; options another design lacks (NAMM's features) are left out
+        fields = {f.name for f in dataclasses.fields(memory_config(d))}
+        options = {k: v for k, v in config["memory"].items() if k in fields}
+        models[d] = source if d == source.config.memory else memzoo.swap_memory(backbone, d, **options).eval()
     for d, model in models.items():
         row = {}
         for name, s in sets.items():
@@ -636,7 +793,7 @@ def compare_policies(config: dict, checkpoint: str | Path, designs: Sequence[str
             r = score_answers(model, s, t.get("segment_len", 128))
             seconds = time.perf_counter() - start
             row[name] = {k: r[k] for k in ("score", "prob", "accuracy", "mean_ce")} | {
-                "seconds": round(seconds, 2), "tokens_per_s": round(n_prompts * t["n_tokens"] / seconds)}  # fmt: skip
+                "seconds": round(seconds, 2), "tokens_per_s": round(n_prompts * n_tokens / seconds)}  # fmt: skip
         results["designs"][d] = row
     for row in results["designs"].values():
         for name in sets:

@@ -86,7 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("max_minutes", args.max_minutes)) if v is not None}
     out = args.out or f"runs/{recipe['name']}"
     with _distributed():
-        summary = train_recipe(recipe, out, resume=not args.no_resume, progress=_rank() == 0, **overrides)
+        summary = train_recipe(recipe, out, resume=not args.no_resume, progress=_rank() == 0, allow_changed=args.allow_changed,
+                               **overrides)  # fmt: skip
     if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0
@@ -459,7 +460,8 @@ def _cmd_namm_evolve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("generations", args.generations), ("max_minutes", args.max_minutes)) if v is not None}
     with _distributed():
         summary = evolve_namm(config, out=args.out, resume=not args.no_resume, progress=_rank() == 0 and not args.quiet,
-                              command=_command_line(args), export=not args.no_export, **overrides)  # fmt: skip
+                              command=_command_line(args), export=not args.no_export, allow_changed=args.allow_changed,
+                              **overrides)  # fmt: skip
     if _rank() == 0:
         print(json.dumps(summary, indent=1))
     return 0
@@ -539,6 +541,8 @@ def _add_run_commands(group, task: str) -> None:
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume OUT/last although the config changed since it was saved (each change is named and recorded)")
     p.set_defaults(func=_cmd_train)
 
     p = group.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
@@ -665,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=None, help="override evolution.generations (total, resumed ones included)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume OUT/state although the config changed since it was saved (each change is named and recorded)")
     p.add_argument("--no-export", action="store_true",
                    help="leave the config's scorer_out / checkpoint_out alone (an exploratory run; `memzoo namm export` ships it later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .validation import check_value
+
 __all__ = ["MemZooConfig", "BACKBONE_FIELDS"]
 
 # The backbone's own knobs (everything else a user passes to `memzoo.build` belongs to the design).
@@ -60,6 +62,19 @@ class MemZooConfig(PretrainedConfig):
         eos_token_id: int = 1,
         **kwargs,
     ):
+        for name, value, kind, limits in (
+            ("vocab_size", vocab_size, int, dict(ge=1)),
+            ("d_model", d_model, int, dict(ge=1)),
+            ("n_layers", n_layers, int, dict(ge=1)),
+            ("n_heads", n_heads, int, dict(ge=1)),
+            ("d_ff", d_ff, int | None, dict(ge=1)),
+            ("rope_theta", rope_theta, float, dict(gt=1)),  # theta <= 1 leaves every position the same rotation or none
+            ("norm_eps", norm_eps, float, dict(gt=0)),
+            ("initializer_range", initializer_range, float, dict(ge=0)),
+            ("tie_word_embeddings", tie_word_embeddings, bool, {}),
+            ("memory", memory, str, {}),
+        ):
+            check_value(name, value, kind, "MemZooConfig.", **limits)
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.vocab_size = vocab_size

@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors"]
+from .validation import check_fields
+
+__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors", "iter_tensors"]
 
 
 def map_tensors(value: Any, fn) -> Any:
@@ -56,18 +58,19 @@ def map_tensors(value: Any, fn) -> Any:
     return value
 
 
-def _iter_tensors(value: Any):
+def iter_tensors(value: Any):
+    """Every tensor inside ``value`` (tensors, states and other dataclasses, lists, tuples, dicts)."""
     if isinstance(value, Tensor):
         yield value
-    elif isinstance(value, MemoryState):
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
-            yield from _iter_tensors(getattr(value, f.name))
+            yield from iter_tensors(getattr(value, f.name))
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _iter_tensors(v)
+            yield from iter_tensors(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _iter_tensors(v)
+            yield from iter_tensors(v)
 
 
 @dataclasses.dataclass
@@ -88,7 +91,7 @@ class MemoryState:
         """Bytes held by the state's tensors. Bounded designs stay flat as the stream grows."""
         seen: set[int] = set()
         total = 0
-        for t in _iter_tensors(self):
+        for t in iter_tensors(self):
             if id(t) not in seen:  # a tensor shared by two fields counts once
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
@@ -120,8 +123,13 @@ class MemoryState:
 class MemoryConfig:
     """Base of every design's config dataclass (its fields are the design's knobs).
 
-    A design's config knows how to build its module, so the registry only stores configs.
+    A design's config knows how to build its module, so the registry only stores configs. Its
+    fields are checked on creation (:func:`~memzoo.validation.check_fields`: each field's type and
+    the range declared in its ``metadata``); subclasses add the checks that relate two fields.
     """
+
+    def __post_init__(self):
+        check_fields(self)
 
     def build_module(self, backbone, layer_idx: int) -> MemoryModule:
         """The module for layer ``layer_idx`` of a backbone.

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .config import MemZooConfig
-from .interface import MemoryModule, MemoryState
+from .interface import MemoryModule, MemoryState, iter_tensors
 from .registry import memory_config
 
 __all__ = ["MemZooForCausalLM", "MemZooState", "MemZooOutput", "StreamOutput", "RMSNorm", "SwiGLU", "Block"]
@@ -115,11 +115,15 @@ class MemZooOutput(ModelOutput):
         loss: mean cross-entropy over labels != -100 (None without labels).
         logits: [b, n, vocab].
         state: the state after these tokens.
+        hidden_states: with ``output_hidden_states=True``, the residual stream [b, n, d] after the
+            embedding and after every block, the last one through the final norm (transformers'
+            convention: ``n_layers + 1`` tensors).
     """
 
     loss: Tensor | None = None
     logits: Tensor | None = None
     state: MemZooState | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -246,6 +250,8 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         device = device if device is not None else self.device
+        if dtype is not None:
+            self._check_state_dtype({dtype})
         layers = [blk.mixer.init_state(batch_size, device=device, dtype=dtype) for blk in self.blocks]
         return MemZooState(layers=layers, batch_size=batch_size, built_for=self._state_signature())
 
@@ -268,6 +274,8 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             )
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty (0 tokens): feed at least one token")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has batch size 0: feed at least one sequence")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(
@@ -284,6 +292,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
                 )
             if len(state.layers) != len(self.blocks):
                 raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.blocks)}")
+            self._check_state_dtype({t.dtype for t in iter_tensors(state) if t.is_floating_point()})
             mine = self._state_signature()
             if state.built_for != mine:
                 theirs = json.loads(state.built_for) if state.built_for else {}
@@ -293,6 +302,15 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
                     f"this state was made for another model ({diff or 'a state without a signature'}); "
                     f"a state only fits the model that made it: call model.init_state({state.batch_size})"
                 )
+
+    def _check_state_dtype(self, dtypes: set[torch.dtype]) -> None:
+        """A state computes in float32, or in the model's own dtype (a float64 model for references)."""
+        allowed = {torch.float32, self.dtype}
+        if dtypes - allowed:
+            raise ValueError(
+                f"the state holds {sorted(map(str, dtypes - allowed))} tensors, the model is {self.dtype}: memory maths "
+                f"runs in float32 or the model's dtype; call model.init_state(b) (float32) or convert the model first"
+            )
 
     def _logits(self, h: Tensor) -> Tensor:  # h: [b, n, d] -> [b, n, vocab]
         h = self.norm(h)
@@ -320,30 +338,55 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         unexpected = set(kwargs) - {"return_dict", "use_cache", "output_attentions", "output_hidden_states"}
         if unexpected:
             raise TypeError(f"forward() got unexpected argument(s) {sorted(unexpected)}")
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "output_attentions=True: memzoo's designs do not all have an attention matrix to return (a compressive "
+                "memory reads without one); for an eviction cache's attention use memzoo.hf.EvictingCache on a transformers model"
+            )
         self._check_inputs(input_ids, state)
+        input_ids = input_ids.long()  # uint8 / int16 ids are fine token ids; nn.Embedding takes int64
         if state is None:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
         h = self.embed(input_ids)  # [b, n, d]
+        hidden = [h] if kwargs.get("output_hidden_states") else None
         new_layers = []
         for blk, layer_state in zip(self.blocks, state.layers):
             h, layer_state = blk(h, layer_state)
             new_layers.append(layer_state)
+            if hidden is not None:
+                hidden.append(h)
         logits = self._logits(h)
+        if hidden is not None:
+            hidden[-1] = self.norm(h)
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, input_ids)
         next_state = dataclasses.replace(state, layers=new_layers, position=state.position + input_ids.shape[1])
-        return MemZooOutput(loss=loss, logits=logits, state=next_state)
+        out = MemZooOutput(loss=loss, logits=logits, state=next_state, hidden_states=tuple(hidden) if hidden else None)
+        return out if kwargs.get("return_dict", True) else out.to_tuple()
 
     @staticmethod
-    def _loss(logits: Tensor, labels: Tensor, input_ids: Tensor, reduction: str = "mean") -> Tensor:
+    def _check_labels(labels: Tensor, input_ids: Tensor) -> Tensor:
+        """The labels as int64, or a clear error: wrong shape or dtype, unshifted, or nothing to predict."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer token ids (and -100 to ignore), got dtype {labels.dtype}")
         if input_ids.shape[1] > 1 and torch.equal(labels, input_ids):
             raise ValueError(
                 "labels equal input_ids: memzoo labels are next-token targets, already shifted "
                 "(labels[:, t] follows input_ids[:, t]); pass input_ids=ids[:, :-1], labels=ids[:, 1:]"
             )
+        if labels.numel() and bool((labels == IGNORE_INDEX).all()):
+            raise ValueError(
+                "every label is -100 (ignored): there is no token to compute a loss on (its mean would be NaN); "
+                "pass labels=None for a call that only advances the state"
+            )
+        return labels.long()
+
+    @classmethod
+    def _loss(cls, logits: Tensor, labels: Tensor, input_ids: Tensor, reduction: str = "mean") -> Tensor:
+        labels = cls._check_labels(labels, input_ids)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
     # ------------------------------------------------------------------ long streams
@@ -379,8 +422,8 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise ValueError(f"segment_len must be a positive int, got {segment_len!r}")
         self._check_inputs(input_ids, state)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels is not None:
+            labels = self._check_labels(labels, input_ids)
         if state is None:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
         n = input_ids.shape[1]

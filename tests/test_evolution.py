@@ -63,6 +63,49 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [json.loads(x)["best_fitness"] for x in a] == [json.loads(x)["best_fitness"] for x in b]
 
 
+def test_a_save_killed_midway_resumes_from_the_last_whole_state(tmp_path, monkeypatch):
+    """A kill while generation 5's state is written (here: when its best vector is) leaves generation 4's
+    state whole, best vector included; the resumed run drops the log line of the lost generation and
+    equals a run that never stopped."""
+    straight = Evolution(sphere, np.zeros(DIM), toy_config(), tmp_path / "a")
+    straight.run(progress=False)
+    Evolution(sphere, np.zeros(DIM), toy_config(generations=4), tmp_path / "b").run(progress=False)
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        if self.name == "best_x.json":
+            raise KeyboardInterrupt("killed")
+        return write_text(self, text, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Evolution(sphere, np.zeros(DIM), toy_config(), tmp_path / "b").run(progress=False)
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 5  # generation 5 was logged, not saved
+    resumed = Evolution(sphere, np.zeros(DIM), toy_config(), tmp_path / "b")
+    assert resumed.generation == 4
+    resumed.run(progress=False)
+    np.testing.assert_array_equal(resumed.best_x, straight.best_x)
+    np.testing.assert_array_equal(resumed.mean, straight.mean)
+    assert [json.loads(x)["generation"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_resume_refuses_a_changed_population_or_run(tmp_path):
+    run = {"backbone": "checkpoints/x", "memory": {"budget": 256}}
+    Evolution(sphere, np.zeros(DIM), toy_config(generations=2), tmp_path, run=run).run(progress=False)
+    with pytest.raises(ValueError, match=r"evolution.popsize: 8 -> 14"):
+        Evolution(sphere, np.zeros(DIM), toy_config(generations=3, popsize=14), tmp_path, run=run)
+    with pytest.raises(ValueError, match=r"run.memory.budget: 256 -> 512.*--allow-changed"):
+        Evolution(sphere, np.zeros(DIM), toy_config(generations=3), tmp_path, run=run | {"memory": {"budget": 512}})
+    # more generations and another time limit are how a run is continued: allowed
+    assert Evolution(sphere, np.zeros(DIM), toy_config(generations=9, max_minutes=3), tmp_path, run=run).generation == 2
+    with pytest.warns(UserWarning, match="sigma0: 0.3 -> 0.5"):
+        evo = Evolution(sphere, np.zeros(DIM), toy_config(generations=3, sigma0=0.5), tmp_path, run=run, allow_changed=True)
+    evo.run(progress=False)
+    extra = json.loads((tmp_path / "state" / "state.json").read_text())["extra"]
+    assert extra["changes"] == [{"generation": 2, "changes": ["evolution.sigma0: 0.3 -> 0.5"]}]
+
+
 def test_state_files_hold_no_pickle(tmp_path, monkeypatch):
     Evolution(sphere, np.zeros(DIM), toy_config(generations=2), tmp_path).run(progress=False)
     state = tmp_path / "state"

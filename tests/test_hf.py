@@ -150,7 +150,7 @@ def test_namm_scorer_from_a_vector_or_a_checkpoint(tmp_path):
         (("full", 64), {}, "never evicts"),
         (("window",), {}, "needs a budget"),
         (("window", 64), {"scorer": torch.zeros(4172)}, "for 'namm'"),
-        (("window", 0), {}, "budget must be a positive int"),
+        (("window", 0), {}, "budget must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments(args, kwargs, match):

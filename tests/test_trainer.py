@@ -218,7 +218,7 @@ def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     Trainer(make("full"), config(steps=2), random_batches(), out_dir=tmp_path).fit(progress=False)
-    with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 -> 0.02\)"), pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match=r"other settings \(config.lr: 0.01 -> 0.02\).*--allow-changed"), pytest.warns(UserWarning):
         Trainer(make("full"), config(steps=4, lr=2e-2), random_batches(), out_dir=tmp_path).fit(progress=False)
     # a longer time limit is fine: it does not change what is computed
     trainer = Trainer(make("full"), config(steps=2, max_minutes=5), random_batches(), out_dir=tmp_path)
@@ -241,3 +241,71 @@ def test_divergence_stops_before_the_weights_turn_nan(tmp_path):
         trainer.fit(progress=False)
     assert trainer.step == 2 and all(torch.isfinite(p).all() for p in model.parameters())
     assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_resume_compares_the_model_and_task_sections_too(tmp_path):
+    """A recipe's model and task decide what is trained as much as its train section does."""
+    run = {"model": {"memory": "full", "n_layers": 2}, "task": {"name": "passkey", "segment_len": 64}}
+    Trainer(make("full"), config(steps=2), random_batches(), out_dir=tmp_path, run=run).fit(progress=False)
+    changed = {"model": run["model"], "task": {"name": "passkey", "segment_len": 32, "needle_near_end_prob": 0.5}}
+    with pytest.raises(ValueError, match=r"run.task.needle_near_end_prob: '<unset>' -> 0.5; run.task.segment_len: 64 -> 32"):
+        Trainer(make("full"), config(steps=2), random_batches(), out_dir=tmp_path, run=changed).fit(progress=False)
+    with pytest.warns(UserWarning, match="as --allow-changed asks"):
+        trainer = Trainer(make("full"), config(steps=3), random_batches(), out_dir=tmp_path, run=changed, allow_changed=True)
+        with pytest.warns(UserWarning, match="steps 2 -> 3"):
+            trainer.fit(progress=False)
+    saved = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert saved["run"] == changed and saved["changes"][0]["step"] == 2
+    assert any("segment_len: 64 -> 32" in c for c in saved["changes"][0]["changes"])
+
+
+def test_train_recipe_refuses_a_changed_memory_and_starting_over_clears_the_log(tmp_path):
+    from memzoo.training.recipe import train_recipe
+
+    recipe = {"name": "t", "model": {"memory": "infini", **TINY, "segment_len": 160},
+              "task": {"name": "passkey", "n_tokens": 320, "batch_size": 1},
+              "train": dict(steps=2, lr=1e-3, warmup_steps=1, segment_len=160, log_every=1, save_every=1)}  # fmt: skip
+    train_recipe(recipe, tmp_path, progress=False)
+    other = recipe | {"model": recipe["model"] | {"memory": "infini-linear"}}
+    with pytest.raises(ValueError, match=r"run.model.memory: 'infini' -> 'infini-linear'"):
+        train_recipe(other, tmp_path, progress=False)
+    train_recipe(other, tmp_path, resume=False, progress=False)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the earlier run's lines are gone, not appended to
+
+
+class _SkewedClock:
+    """``time`` for one rank: rank 0's clock runs 20 s per call, the other rank's barely moves."""
+
+    def __init__(self, rank: int):
+        self.now, self.tick = 0.0, 20.0 if rank == 0 else 1e-3
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def _time_limit_rank(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    import memzoo.training.trainer as trainer_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a short timeout: without the broadcast, the rank still training would wait on an all_reduce
+    # that the stopped rank never joins, and fail here instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    trainer_module.time = _SkewedClock(rank)
+    trainer = Trainer(make(budget=8, evict_every=4), config(steps=50, max_minutes=1.0, save_every=0, grad_clip=0.0),
+                      random_batches(), out_dir=f"{out}/run")  # fmt: skip
+    trainer.fit(progress=False)
+    with open(f"{out}/step{rank}.json", "w") as f:
+        json.dump(trainer.step, f)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_stop_at_the_same_step_on_rank_zeros_clock(tmp_path):
+    mp.spawn(_time_limit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    steps = [json.loads((tmp_path / f"step{r}.json").read_text()) for r in range(2)]
+    assert steps[0] == steps[1] < 50  # rank 0's clock said stop; rank 1's alone never would have
+    assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["step"] == steps[0]

@@ -25,7 +25,7 @@ every other weight; a 10x learning rate and no decay let the prototype of FINDIN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..ops.infini import gate_mix, infini_attention, local_attention, memory_read, memory_write
 from ..registry import register
+from ..validation import bounds
 
 __all__ = ["InfiniConfig", "InfiniState", "InfiniAttention", "UPDATE_RULES"]
 
@@ -63,22 +64,12 @@ class InfiniConfig(MemoryConfig):
             of the calls the caller did not detach). Outputs are unaffected.
     """
 
-    segment_len: int = 256
-    update_rule: str = "delta"
+    segment_len: int = field(default=256, metadata=bounds(ge=1))
+    update_rule: str = field(default="delta", metadata=bounds(choices=UPDATE_RULES))
     gate_init: float = 0.0
-    gate_lr_mult: float = 10.0
-    gate_weight_decay: float = 0.0
-    detach_every: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.segment_len, int) or self.segment_len < 1:
-            raise ValueError(f"segment_len must be a positive int, got {self.segment_len!r}")
-        if self.update_rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if not isinstance(self.detach_every, int) or self.detach_every < 0:
-            raise ValueError(f"detach_every must be an int >= 0 (0 = never), got {self.detach_every!r}")
-        if self.gate_lr_mult < 0 or self.gate_weight_decay < 0:
-            raise ValueError(f"gate_lr_mult and gate_weight_decay must be >= 0, got {self.gate_lr_mult}, {self.gate_weight_decay}")
+    gate_lr_mult: float = field(default=10.0, metadata=bounds(ge=0))
+    gate_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
+    detach_every: int = field(default=0, metadata=bounds(ge=0))
 
     def build_module(self, backbone, layer_idx: int) -> InfiniAttention:
         return InfiniAttention(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)

@@ -24,7 +24,7 @@ any transformers model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from einops import rearrange
@@ -34,6 +34,7 @@ from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..ops.attention import attend
 from ..ops.rope import apply_rope
 from ..registry import register
+from ..validation import bounds
 
 __all__ = [
     "KVConfig",
@@ -251,14 +252,8 @@ class KVConfig(FullConfig):
             evictions the cache holds up to ``budget + evict_every`` tokens.
     """
 
-    budget: int = 1024
-    evict_every: int = 512
-
-    def __post_init__(self):
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget must be a positive int, got {self.budget!r}; use 'full' for an unbounded cache")
-        if not isinstance(self.evict_every, int) or self.evict_every < 1:
-            raise ValueError(f"evict_every must be a positive int, got {self.evict_every!r}")
+    budget: int = field(default=1024, metadata=bounds(ge=1))  # for an unbounded cache, use 'full'
+    evict_every: int = field(default=512, metadata=bounds(ge=1))
 
     def make_policy(self) -> EvictionPolicy:
         raise NotImplementedError
@@ -276,11 +271,11 @@ class WindowConfig(KVConfig):
 class SinksConfig(KVConfig):
     """``sinks``: keep the first ``n_sinks`` tokens and the most recent (StreamingLLM, arXiv 2309.17453)."""
 
-    n_sinks: int = 4
+    n_sinks: int = field(default=4, metadata=bounds(ge=0))
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.n_sinks < self.budget:
+        if not self.n_sinks < self.budget:
             raise ValueError(f"n_sinks must lie in [0, budget={self.budget}), got {self.n_sinks}")
 
     def make_policy(self) -> EvictionPolicy:
@@ -296,11 +291,11 @@ class RecentWindowConfig(KVConfig):
             the budget (:meth:`recent`).
     """
 
-    n_recent: int | None = None
+    n_recent: int | None = field(default=None, metadata=bounds(ge=0))
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_recent is not None and (not isinstance(self.n_recent, int) or not 0 <= self.n_recent <= self.budget):
+        if self.n_recent is not None and self.n_recent > self.budget:
             raise ValueError(f"n_recent must be an int in [0, budget={self.budget}], got {self.n_recent!r}")
 
     def recent(self, default: int) -> int:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ from ..interface import MemoryState
 from ..ops.attention import attend
 from ..ops.stft import AGE_DIM, HOP, N_FREQ, age_embedding, merge_moments, moments, spectral_step
 from ..registry import register
+from ..validation import bounds
 from .kv import EvictionPolicy, KVCacheState, KVConfig, protect_recent
 
 __all__ = [
@@ -290,13 +291,11 @@ class NAMMConfig(KVConfig):
     """
 
     key_redundancy: bool = False
-    n_recent: int = 0
+    n_recent: int = field(default=0, metadata=bounds(ge=0))
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.key_redundancy, bool):
-            raise ValueError(f"key_redundancy must be true or false, got {self.key_redundancy!r}")
-        if not isinstance(self.n_recent, int) or isinstance(self.n_recent, bool) or not 0 <= self.n_recent <= self.budget:
+        if self.n_recent > self.budget:
             raise ValueError(f"n_recent must be an int in [0, budget={self.budget}], got {self.n_recent!r}")
 
     def make_policy(self) -> NAMMPolicy:

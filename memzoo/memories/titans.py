@@ -60,7 +60,7 @@ Reference: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time"
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,7 @@ from ..ops.attention import attend, causal_mask
 from ..ops.rope import apply_rope
 from ..ops.titans import at_least_fp32, memory_read, mlp_shapes, titans_chunked
 from ..registry import register
+from ..validation import bounds
 
 __all__ = [
     "TitansConfig",
@@ -117,26 +118,20 @@ class TitansConfig(MemoryConfig):
             ablation; the paper trains through them.
     """
 
-    chunk_size: int = 16
-    memory_depth: int = 2
-    memory_expansion: int = 4
-    conv_kernel: int = 4
-    max_lr: float = 0.1
-    lr_init: float = 0.01
-    momentum_init: float = 0.9
-    forget_init: float = 0.001
+    chunk_size: int = field(default=16, metadata=bounds(ge=1))
+    memory_depth: int = field(default=2, metadata=bounds(ge=1))
+    memory_expansion: int = field(default=4, metadata=bounds(ge=1))
+    conv_kernel: int = field(default=4, metadata=bounds(ge=1))
+    max_lr: float = field(default=0.1, metadata=bounds(gt=0))
+    lr_init: float = field(default=0.01, metadata=bounds(gt=0))
+    momentum_init: float = field(default=0.9, metadata=bounds(gt=0, lt=1))
+    forget_init: float = field(default=0.001, metadata=bounds(gt=0, lt=1))
     stop_inner_grad: bool = False
 
     def __post_init__(self):
-        for name in ("chunk_size", "memory_depth", "memory_expansion", "conv_kernel"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 < self.lr_init < self.max_lr:
+        super().__post_init__()
+        if not self.lr_init < self.max_lr:
             raise ValueError(f"need 0 < lr_init < max_lr, got lr_init={self.lr_init}, max_lr={self.max_lr}")
-        for name in ("momentum_init", "forget_init"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)!r}")
 
     def build_module(self, backbone, layer_idx: int) -> TitansLMM:
         return TitansLMM(backbone.d_model, backbone.n_heads, self)
@@ -152,15 +147,13 @@ class TitansMACConfig(TitansConfig):
         n_persistent: N_p, learned persistent tokens in front of every segment.
     """
 
-    segment_len: int = 512
-    n_persistent: int = 4
+    segment_len: int = field(default=512, metadata=bounds(ge=1))
+    n_persistent: int = field(default=4, metadata=bounds(ge=0))
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.segment_len, int) or self.segment_len < 1 or self.segment_len % self.chunk_size:
+        if self.segment_len % self.chunk_size:
             raise ValueError(f"segment_len must be a positive multiple of chunk_size={self.chunk_size}, got {self.segment_len!r}")
-        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
-            raise ValueError(f"n_persistent must be an int >= 0, got {self.n_persistent!r}")
 
     def build_module(self, backbone, layer_idx: int) -> TitansMAC:
         return TitansMAC(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
@@ -175,15 +168,8 @@ class TitansWindowConfig(TitansConfig):
         n_persistent: N_p, learned persistent tokens, visible to every token.
     """
 
-    window: int = 512
-    n_persistent: int = 4
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int, got {self.window!r}")
-        if not isinstance(self.n_persistent, int) or self.n_persistent < 0:
-            raise ValueError(f"n_persistent must be an int >= 0, got {self.n_persistent!r}")
+    window: int = field(default=512, metadata=bounds(ge=1))
+    n_persistent: int = field(default=4, metadata=bounds(ge=0))
 
 
 @dataclass

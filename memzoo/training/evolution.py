@@ -53,7 +53,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..io import atomic_directory
+from ..io import atomic_directory, recover_directory
+from ..validation import bounds, check_fields
+from .resume import check_same_run, truncate_log
 
 __all__ = ["EvolutionConfig", "Evolution", "namm_fitness", "load_cma_state", "save_cma_state"]
 
@@ -64,6 +66,9 @@ _PARTS = ("es", "adapt_sigma", "sigma_vec", "sm", "best")
 # make cma believe the (missing) cache is valid.
 _SKIP = {"ary", "pop_sorted", "x0", "mean0", "sigma0", "sigma_vec0", "inputargs", "inopts", "N", "N_pheno", "dimension", "_mueff", "_lam"}
 
+
+#: EvolutionConfig fields a resumed run may change: how long it runs, not what it computes
+_RESUMABLE_CHANGES = frozenset({"evolution.generations", "evolution.max_minutes"})
 
 #: the vectors a run can ship (:attr:`EvolutionConfig.export`), each saved in the run folder under this name
 EXPORTS = {"best": "best.safetensors", "mean": "mean.safetensors", "best_held_out": "best_held_out.safetensors"}
@@ -92,22 +97,19 @@ class EvolutionConfig:
             best on the held-out prompts; needs ``held_out_every``).
     """
 
-    popsize: int = 32
-    sigma0: float = 0.065
-    generations: int = 100
+    popsize: int = field(default=32, metadata=bounds(ge=2))
+    sigma0: float = field(default=0.065, metadata=bounds(gt=0))
+    generations: int = field(default=100, metadata=bounds(ge=1))
     curriculum: list[dict] = field(default_factory=lambda: [{"task": "passkey", "from_generation": 0}])
     seed: int = 0
     diagonal: bool = True
-    max_minutes: float | None = None
+    max_minutes: float | None = field(default=None, metadata=bounds(ge=0))
     evaluate_mean: bool = True
-    held_out_every: int = 0
-    export: str = "best"
+    held_out_every: int = field(default=0, metadata=bounds(ge=0))
+    export: str = field(default="best", metadata=bounds(choices=tuple(EXPORTS)))
 
     def __post_init__(self):
-        if self.popsize < 2 or self.sigma0 <= 0:
-            raise ValueError(f"need popsize >= 2 and sigma0 > 0, got popsize={self.popsize}, sigma0={self.sigma0}")
-        if self.export not in EXPORTS:
-            raise ValueError(f"export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        check_fields(self)
         if self.export == "best_held_out" and self.held_out_every < 1:
             raise ValueError("export 'best_held_out' needs held_out_every >= 1 (how often the mean is scored on held-out prompts)")
         if not self.curriculum or min(int(c["from_generation"]) for c in self.curriculum) != 0:
@@ -139,13 +141,15 @@ def _part(es, name: str):
     return es if name == "es" else getattr(es, name, None)
 
 
-def save_cma_state(es, folder: str | Path, extra: dict | None = None) -> None:
+def save_cma_state(es, folder: str | Path, extra: dict | None = None, files: dict[str, str] | None = None) -> None:
     """Write an ES's state as ``cma.safetensors`` (arrays) + ``state.json`` (scalars), no pickle.
 
     Args:
         es: a ``cma.CMAEvolutionStrategy`` made by this module (it carries its random generator).
         folder: written atomically (a temporary folder, then renamed over).
         extra: JSON-serialisable values stored beside the ES's (e.g. the generation).
+        files: ``{name: text}`` written into the same folder, so they are swapped in with the state
+            (a kill can never leave a state without its best vector).
     """
     from safetensors.numpy import save_file
 
@@ -172,6 +176,8 @@ def save_cma_state(es, folder: str | Path, extra: dict | None = None) -> None:
     with atomic_directory(folder) as tmp:
         save_file(arrays, str(tmp / "cma.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def load_cma_state(folder: str | Path, x0: np.ndarray, config: EvolutionConfig):
@@ -237,6 +243,11 @@ class Evolution:
             None = nothing written.
         held_out: ``(vector) -> (score, details)`` on a fixed set of prompts never used for selection;
             the mean is scored with it every ``config.held_out_every`` generations.
+        run: the other settings that decide what is evaluated (backbone, memory options, tasks,
+            start vector), stored with the state: a resume with other ones, or with another
+            ``config`` (except ``generations`` and ``max_minutes``), is refused.
+        allow_changed: resume even if they changed (a warning names each change; the state keeps
+            the list with the generation it was made at).
 
     Example:
         >>> evo = Evolution(namm_fitness(namm_model, full_model, tasks), x0, EvolutionConfig(), "runs/namm-evolve")
@@ -244,7 +255,8 @@ class Evolution:
     """
 
     def __init__(self, evaluate: Evaluate, x0, config: EvolutionConfig, out_dir: str | Path | None = None, *, resume: bool = True,
-                 held_out: Callable[[np.ndarray], tuple[float, dict]] | None = None):  # fmt: skip
+                 held_out: Callable[[np.ndarray], tuple[float, dict]] | None = None, run: dict | None = None,
+                 allow_changed: bool = False):  # fmt: skip
         if config.held_out_every and held_out is None:
             raise ValueError("held_out_every is set but no held_out scorer was given")
         self.evaluate, self.config, self.held_out = evaluate, config, held_out
@@ -255,9 +267,22 @@ class Evolution:
         self.best_fitness, self.best_details, self.best_tasks = -math.inf, {}, []
         self.best_x = self.x0.copy()
         self.best_held_out, self.best_held_out_generation, self.best_held_out_x = -math.inf, None, None
+        self.run_settings, self.changes = dict(run or {}), []
         state = self.out_dir / "state" if self.out_dir is not None else None
+        if resume and state is not None and self.rank == 0:
+            recover_directory(state)  # a save killed between its two renames left its copy as .state.old
+        if self.world > 1:
+            dist.barrier()
         if resume and state is not None and (state / "state.json").is_file():
             self.es, extra = load_cma_state(state, self.x0, config)
+            self.changes = list(extra.get("changes", []))
+            saved = {"evolution": extra.get("config", {}), "run": extra.get("run", {})}
+            current = {"evolution": asdict(config), "run": self.run_settings}
+            if "run" not in extra:  # saved before states stored the run's settings
+                saved.pop("run"), current.pop("run")
+            changes = check_same_run(saved, current, state, may_change=_RESUMABLE_CHANGES, allow_changed=allow_changed)
+            if changes:
+                self.changes.append({"generation": extra["generation"], "changes": changes})
             self.generation, self.wall_s = extra["generation"], extra["wall_s"]
             self.best_fitness, self.best_details, self.best_tasks = extra["best_fitness"], extra["best_details"], extra["best_tasks"]
             self.best_x = np.asarray(json.loads((state / "best_x.json").read_text()), dtype=np.float64)  # JSON floats round-trip exactly
@@ -266,6 +291,8 @@ class Evolution:
                 self.best_held_out_x = np.asarray(json.loads((state / "best_held_out_x.json").read_text()), dtype=np.float64)
         else:
             self.es = _new_es(self.x0, config)
+        if self.out_dir is not None and self.rank == 0:  # generations logged after the saved state (a kill) go
+            truncate_log(self.out_dir / "log.jsonl", "generation", self.generation)
 
     @property
     def mean(self) -> np.ndarray:
@@ -350,11 +377,12 @@ class Evolution:
             save_namm_parameters(self.out_dir / EXPORTS["best_held_out"], torch.from_numpy(self.best_held_out_x))
         extra = {"generation": self.generation, "wall_s": self.wall_s, "best_fitness": self.best_fitness,
                  "best_details": self.best_details, "best_tasks": self.best_tasks, "config": asdict(self.config),
-                 "best_held_out": self.best_held_out, "best_held_out_generation": self.best_held_out_generation}  # fmt: skip
-        save_cma_state(self.es, self.out_dir / "state", extra)
-        (self.out_dir / "state" / "best_x.json").write_text(json.dumps([float(v) for v in self.best_x]))
+                 "best_held_out": self.best_held_out, "best_held_out_generation": self.best_held_out_generation,
+                 "run": self.run_settings, "changes": self.changes}  # fmt: skip
+        files = {"best_x.json": json.dumps([float(v) for v in self.best_x])}  # JSON floats round-trip exactly
         if self.best_held_out_x is not None:
-            (self.out_dir / "state" / "best_held_out_x.json").write_text(json.dumps([float(v) for v in self.best_held_out_x]))
+            files["best_held_out_x.json"] = json.dumps([float(v) for v in self.best_held_out_x])
+        save_cma_state(self.es, self.out_dir / "state", extra, files)
 
     def run(self, progress: bool = True) -> dict:
         """Generations until ``config.generations`` (counting resumed ones) or ``config.max_minutes``.
@@ -570,6 +598,7 @@ def evolve_namm(
     progress: bool = True,
     command: str = "",
     export: bool = True,
+    allow_changed: bool = False,
     **overrides,
 ) -> dict:
     """Evolve a NAMM scorer for a trained backbone as ``config`` says (rank 0 then exports it).
@@ -583,6 +612,7 @@ def evolve_namm(
         export: ship the best scorer to the config's ``scorer_out`` and ``checkpoint_out`` at the
             end (:func:`export_namm`). False for an exploratory run that must not replace shipped
             checkpoints; :func:`export_namm` ships it later if it turns out better.
+        allow_changed: resume although the config changed since the state was saved (see :class:`Evolution`).
         **overrides: fields of :class:`EvolutionConfig` (e.g. ``max_minutes``, ``generations``).
 
     Returns:
@@ -606,15 +636,17 @@ def evolve_namm(
         held_out = lambda x: held(x, names)  # noqa: E731
     if not resume and out.exists():
         shutil.rmtree(out / "state", ignore_errors=True)
-        (out / "log.jsonl").unlink(missing_ok=True)
     x0 = load_namm_parameters(config["init"]) if config.get("init") else namm_parameters(namm)
-    evo = Evolution(fitness, x0.double().numpy(), evo_cfg, out, resume=resume, held_out=held_out)
+    run = {"backbone": str(path), "memory": config["memory"], "tasks": config["tasks"], "init": config.get("init")}
+    evo = Evolution(fitness, x0.double().numpy(), evo_cfg, out, resume=resume, held_out=held_out, run=run, allow_changed=allow_changed)
     summary = evo.run(progress=progress)
     summary |= {"backbone": str(path), "backbone_step": step, "full_scores": {k: {"score": v["score"], "accuracy": v["accuracy"]}
                                                                               for k, v in fitness.full_scores.items()},
                 "evolution": asdict(evo_cfg), "memory": config["memory"], "tasks": config["tasks"], "init": config.get("init"),
                 "best_held_out": evo.best_held_out if evo.best_held_out_x is not None else None,
                 "best_held_out_generation": evo.best_held_out_generation, "command": command}  # fmt: skip
+    if evo.changes:
+        summary["changed_on_resume"] = evo.changes
     if evo.rank == 0:
         (out / "run.json").write_text(json.dumps(summary, indent=1))
         if export:

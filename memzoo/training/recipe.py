@@ -115,14 +115,18 @@ def make_batch_fn(task: dict, steps: int) -> BatchFn:
     return TASKS[task["name"]](task, steps)
 
 
-def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True, **train_overrides) -> dict:
+def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True, allow_changed: bool = False,
+                 **train_overrides) -> dict:  # fmt: skip
     """Train the recipe's model; the final model goes to ``out_dir/model``.
 
     Args:
         recipe: from :func:`load_recipe`.
         out_dir: run folder (``last/`` checkpoint for resuming, ``log.jsonl``, ``model/``, ``run.json``).
-        resume: continue from ``out_dir/last`` if present.
+        resume: continue from ``out_dir/last`` if present (refused if the model, task or train
+            settings changed since it was saved, except how long to run and how often to log/save).
         progress: progress bar.
+        allow_changed: resume even with changed settings (a warning names them; the checkpoint
+            and ``run.json`` keep the list).
         **train_overrides: TrainConfig fields that replace the recipe's (e.g. ``steps=5``).
 
     Returns:
@@ -136,7 +140,8 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     model_cfg = dict(recipe["model"])
     model = build(model_cfg.pop("memory"), **model_cfg)
     warm = warm_start(model, train_cfg.init_from) if train_cfg.init_from else None  # a resume then overwrites it
-    trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir)
+    trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir,
+                      run={"model": recipe["model"], "task": recipe["task"]}, allow_changed=allow_changed)  # fmt: skip
     start = time.perf_counter()
     history = trainer.fit(resume=resume, progress=progress)
     wall = time.perf_counter() - start
@@ -155,6 +160,8 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(train_cfg),
     }
+    if trainer.changes:
+        summary["changed_on_resume"] = trainer.changes
     if warm is not None:
         summary["warm_start"] = {"source": warm["source"], "copied": len(warm["copied"]), "kept_init": warm["kept_init"]}
     if trainer.rank == 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +35,9 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_directory, recover_directory
 from ..model import IGNORE_INDEX, MemZooForCausalLM
+from ..validation import bounds, check_fields, check_value
 from .param_groups import param_groups
+from .resume import check_same_run, truncate_log
 
 __all__ = ["TrainConfig", "Trainer", "BatchFn", "weighted_loss", "token_cross_entropy"]
 
@@ -73,30 +74,31 @@ class TrainConfig:
             :func:`~memzoo.training.recipe.train_recipe` before the first step). None = from scratch.
     """
 
-    steps: int = 1000
-    lr: float = 4e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    steps: int = field(default=1000, metadata=bounds(ge=1))
+    lr: float = field(default=4e-3, metadata=bounds(ge=0))
+    warmup_steps: int = field(default=50, metadata=bounds(ge=0))
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    weight_decay: float = field(default=0.1, metadata=bounds(ge=0))
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    segment_len: int = 256
-    bptt_segments: int = 0
-    no_grad_prefix: int = 0
-    autocast: str = "none"
-    log_every: int = 10
-    save_every: int = 100
-    max_minutes: float = 0.0
+    grad_clip: float = field(default=1.0, metadata=bounds(ge=0))
+    segment_len: int = field(default=256, metadata=bounds(ge=1))
+    bptt_segments: int = field(default=0, metadata=bounds(ge=0))
+    no_grad_prefix: int = field(default=0, metadata=bounds(ge=0))
+    autocast: str = field(default="none", metadata=bounds(choices=("bf16", "none")))
+    log_every: int = field(default=10, metadata=bounds(ge=1))
+    save_every: int = field(default=100, metadata=bounds(ge=0))
+    max_minutes: float = field(default=0.0, metadata=bounds(ge=0))
     seed: int = 0
     init_from: str | None = None
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run (e.g. the recipe name)
 
     def __post_init__(self):
-        if self.autocast not in ("bf16", "none"):
-            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
-        if self.steps < 1 or self.segment_len < 1:
-            raise ValueError("steps and segment_len must be >= 1")
+        check_fields(self)
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers (beta1, beta2), got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_value(f"betas[{i}]", beta, float, "TrainConfig.", ge=0, lt=1)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimisation step ``step`` (0-based): linear warm-up, cosine decay."""
@@ -137,10 +139,17 @@ class Trainer:
         config: :class:`TrainConfig`.
         batch_fn: makes the global batch for a step (see :data:`BatchFn`).
         out_dir: where checkpoints (``last/``) and the log (``log.jsonl``) go; None = no files.
+        run: the other settings that decide what is computed (a recipe's ``model`` and ``task``
+            sections), stored with every checkpoint: a resume with other ones is refused.
+        allow_changed: resume even if the settings changed (a warning names each change, and the
+            checkpoint keeps the list of changes with the step they were made at).
     """
 
-    def __init__(self, model: MemZooForCausalLM, config: TrainConfig, batch_fn: BatchFn, out_dir: str | Path | None = None):
+    def __init__(self, model: MemZooForCausalLM, config: TrainConfig, batch_fn: BatchFn, out_dir: str | Path | None = None,
+                 *, run: dict | None = None, allow_changed: bool = False):  # fmt: skip
         self.model, self.config, self.batch_fn = model, config, batch_fn
+        self.run_settings, self.allow_changed = dict(run or {}), allow_changed
+        self.changes: list[dict] = []  # settings changed on resume (allow_changed): [{"step", "changes"}]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -293,7 +302,7 @@ class Trainer:
             bar.set_postfix(shown, tok_s=metrics["tokens_per_s"])
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self._log(metrics)
-            out_of_time = cfg.max_minutes and elapsed > 60 * cfg.max_minutes
+            out_of_time = self._out_of_time(elapsed)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps or out_of_time:
                 self.save_checkpoint()
                 if on_save is not None:
@@ -303,15 +312,19 @@ class Trainer:
         bar.close()
         return history
 
+    def _out_of_time(self, elapsed: float) -> bool:
+        """Past ``max_minutes``? Rank 0's clock decides for every rank, so all stop at the same step."""
+        if not self.config.max_minutes:
+            return False
+        flag = torch.tensor(float(elapsed > 60 * self.config.max_minutes))
+        if self.world > 1:  # each rank's clock differs a little: without this one rank stops, the others wait in all_reduce
+            dist.broadcast(flag, 0)
+        return bool(flag)
+
     def _truncate_log(self) -> None:
         """Keep only the log lines of steps up to the current one: the log then reads 1, 2, ... once."""
-        log = None if self.out_dir is None else self.out_dir / "log.jsonl"
-        if self.rank != 0 or log is None or not log.is_file():
-            return
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        tmp = log.with_name(f".{log.name}.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, log)
+        if self.rank == 0 and self.out_dir is not None:
+            truncate_log(self.out_dir / "log.jsonl", "step", self.step)
 
     def _log(self, metrics: dict) -> None:
         if self.out_dir is None or self.rank != 0:
@@ -332,7 +345,8 @@ class Trainer:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "trainer_state.json").write_text(
                 json.dumps(
-                    {"step": self.step, "train_seconds": self.train_seconds, "optimizer": meta, "config": asdict(self.config)},
+                    {"step": self.step, "train_seconds": self.train_seconds, "optimizer": meta, "config": asdict(self.config),
+                     "run": self.run_settings, "changes": self.changes},  # fmt: skip
                     indent=1,
                 )
             )
@@ -342,7 +356,10 @@ class Trainer:
         """Restore model weights, optimizer moments and step from a :meth:`save_checkpoint` folder."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
-        _check_same_run(state.get("config", {}), asdict(self.config), path)
+        self.changes = list(state.get("changes", []))
+        changes = _check_same_run(state, {"config": asdict(self.config), "run": self.run_settings}, path, self.allow_changed)
+        if changes:
+            self.changes.append({"step": int(state["step"]), "changes": changes})
         weights = load_file(str(path / "model" / "model.safetensors"))
         own = self.model.state_dict()
         missing = set(own) - set(weights)
@@ -352,37 +369,29 @@ class Trainer:
         _load_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        if self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
-            # keep the log consistent with the restored step (a crash may have logged beyond it)
-            lines = (self.out_dir / "log.jsonl").read_text().splitlines()
-            kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
-            (self.out_dir / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
 
 
 #: TrainConfig fields a resumed run may change: they do not change what is computed, except
 #: ``steps`` (training longer is legitimate, but the schedule and curriculum stretch: a warning says so)
-_RESUMABLE_CHANGES = {"max_minutes", "log_every", "save_every", "extra", "steps"}
+_RESUMABLE_CHANGES = frozenset(f"config.{k}" for k in ("max_minutes", "log_every", "save_every", "extra", "steps"))
 
 
-def _check_same_run(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint made with other settings: it would silently mix two runs."""
-    differ = {k for k in saved.keys() & current.keys() if k not in _RESUMABLE_CHANGES and _jsonable(saved[k]) != _jsonable(current[k])}
-    if saved.get("steps", current["steps"]) != current["steps"]:
+def _check_same_run(state: dict, current: dict, path: Path, allow_changed: bool) -> list[str]:
+    """Refuse to resume a checkpoint made with other settings (see :func:`~memzoo.training.resume.check_same_run`)."""
+    saved_steps, steps = state.get("config", {}).get("steps", current["config"]["steps"]), current["config"]["steps"]
+    if saved_steps != steps:
         warnings.warn(
-            f"resuming {path} with steps {saved['steps']} -> {current['steps']}: the learning-rate schedule and the "
+            f"resuming {path} with steps {saved_steps} -> {steps}: the learning-rate schedule and the "
             "curriculum are stretched from here on, so the run is no longer the one a fresh start would give",
             stacklevel=3,
         )
-    if differ:
-        changes = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(differ))
-        raise ValueError(
-            f"{path} was saved by a run with other settings ({changes}); resume with the same config, "
-            "or start over in a new run folder (or with --no-resume)"
-        )
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
+    saved = {"config": state.get("config", {}), "run": state.get("run", {})}
+    if "run" not in state:  # saved before runs stored their model and task sections: compare what it has
+        current = {"config": current["config"]}
+        saved = {"config": saved["config"]}
+    if not saved["config"]:
+        current = {k: v for k, v in current.items() if k != "config"}
+    return check_same_run(saved, current, path, may_change=_RESUMABLE_CHANGES, allow_changed=allow_changed)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

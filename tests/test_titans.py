@@ -118,6 +118,24 @@ def test_outer_gradients_match_naive():
         assert_close(fast, naive, n=widest(2, 4), depth=2 * 3, scale="max")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_norm_gain_matches_naive_and_reaches_the_values_scale(dtype):
+    """The gain enters the reads and the inner gradients alike in both forms; and it is what lets the
+    memory's output reach values of another scale: without it ||M(x) - x|| = sqrt(k) whatever the weights."""
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(dtype=dtype)
+    gain = 0.1 + 0.4 * torch.rand(3, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    naive = titans_naive(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=16, gain=gain)
+    fast = titans_chunked(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=16, gain=gain)
+    assert_memory_close(fast, naive, n=max(40, widest(2, 8)), depth=2)
+    plain = titans_chunked(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=16)
+    offset = (plain[0] - q).norm(dim=-1)
+    # the LayerNorm's output has mean 0 and variance var / (var + LN_EPS) over k = 8 channels: not a rounding
+    # tolerance but the epsilon's, 1e-5 against variances of z down to ~1e-2 here (a shift of up to 1e-3)
+    torch.testing.assert_close(offset, torch.full_like(offset, math.sqrt(8)), rtol=1e-2, atol=0)
+    gained = (fast[0] - q).norm(dim=-1)
+    assert float(gained.max()) < 0.5 * math.sqrt(8)  # g <= 0.5 shrinks it: the scale is learnable
+
+
 def test_chaining_three_segments_equals_one_call():
     """Cut at chunk boundaries, the committed memory carries the stream exactly."""
     weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(n=48)
@@ -151,7 +169,20 @@ def test_stop_grad_cuts_the_inner_updates():
 
 # ------------------------------------------------------------------------------ placements: references
 D, H, N = 16, 2, 21
-SMALL = dict(chunk_size=4, lr_init=0.05, momentum_init=0.8, forget_init=0.01)
+SMALL = dict(chunk_size=4, lr_init=0.05, max_lr=0.1, momentum_init=0.8, forget_init=0.01)
+
+
+def perturbed(mod):
+    """The module with its output gates and norm gain moved off their initial values (a gate starting
+    at exactly 1 would hide a wrong gate from the references)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        if mod.memory.norm_gain is not None:
+            mod.memory.norm_gain.copy_(0.2 + 0.6 * torch.rand(mod.memory.norm_gain.shape, generator=g))
+        for name in ("read_norm", "out_norm", "out_gate"):
+            if getattr(mod, name, None) is not None:
+                mod.get_submodule(name).weight.copy_(torch.randn(mod.get_submodule(name).weight.shape, generator=g))
+    return mod
 
 
 def heads(t):
@@ -177,8 +208,9 @@ def ref_memory(mem: NeuralMemory, x: torch.Tensor, *, committed: bool = False):
     gates = (rearrange(g, "b n h -> b h n") for g in (eta, theta, alpha))
     w0 = tuple(w.expand(x.shape[0], *w.shape) for w in mem.init_weights)
     reads, weights, _ = titans_naive(
-        w0, tuple(torch.zeros_like(w) for w in w0), q, k, v, *gates, chunk_size=mem.config.chunk_size, residual_norm=mem.residual_norm
-    )
+        w0, tuple(torch.zeros_like(w) for w in w0), q, k, v, *gates, chunk_size=mem.config.chunk_size, residual_norm=mem.residual_norm,
+        gain=mem.norm_gain,
+    )  # fmt: skip
     return (merge(reads), weights) if committed else merge(reads)
 
 
@@ -220,8 +252,9 @@ def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
     for s0 in range(0, x.shape[1], S):
         s1 = min(x.shape[1], s0 + S)
         if ys:  # the memory at this segment's start: after all earlier y (a chunk boundary)
-            weights = ref_memory(mem, torch.cat(ys, dim=1), committed=True)[1]
-        h = merge(memory_read(weights, qh[:, :, s0:s1], residual_norm=mem.residual_norm))  # eq. 21
+            weights = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)), committed=True)[1]
+        gain = mem.norm_gain[None, :, None, :]
+        h = merge(memory_read(weights, qh[:, :, s0:s1], residual_norm=mem.residual_norm, gain=gain))  # eq. 21
         kh, vh = (heads(t) for t in mod.attn.kv(h).chunk(2, dim=-1))
         att = []
         for i in range(s1 - s0):  # eqs. 22-23: [persistent | h_0..h_i | x_0..x_i]
@@ -237,8 +270,8 @@ def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
             att.append(softmax_attend(apply_rope(q[:, :, s0 + i : s0 + i + 1], torch.tensor([n_p + S + i]), theta), keys, vals))
         y = mod.attn_out(merge(torch.cat(att, dim=2)))
         ys.append(y)
-        reads = ref_memory(mem, torch.cat(ys, dim=1))  # eq. 24: written with y, read after each write
-        outs.append(mod.out(y * reads[:, s0:s1]))  # eq. 25
+        reads = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)))  # eq. 24: written with norm(y), read after each write
+        outs.append(mod.out(y * 2 * torch.sigmoid(mod.read_norm(reads[:, s0:s1]))))  # eq. 25, the gate
     return torch.cat(outs, dim=1)
 
 
@@ -266,21 +299,22 @@ def x():
 
 def test_lmm_matches_reference(x):
     torch.manual_seed(0)
-    mod = TitansLMM(D, H, TitansConfig(**SMALL))
+    mod = perturbed(TitansLMM(D, H, TitansConfig(**SMALL)))
     with torch.no_grad():
-        assert_close(run_module(mod, x, [5, 6, 13])[0], mod.out(ref_memory(mod.memory, x)), **placement_op(mod))
+        want = mod.out(mod.out_norm(ref_memory(mod.memory, x)) * torch.sigmoid(mod.out_gate(x)))
+        assert_close(run_module(mod, x, [5, 6, 13])[0], want, **placement_op(mod))
 
 
 def test_mac_matches_reference(x):
     torch.manual_seed(0)
-    mod = TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, **SMALL))
+    mod = perturbed(TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, **SMALL)))
     with torch.no_grad():
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 
 
 def test_mag_matches_reference(x):
     torch.manual_seed(0)
-    mod = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL))
+    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL)))
     with torch.no_grad():
         y = ref_window(mod.attn, x, mod.persistent[None])
         want = mod.out(mod.attn_norm(y) * torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x))))
@@ -289,7 +323,7 @@ def test_mag_matches_reference(x):
 
 def test_mal_matches_reference(x):
     torch.manual_seed(0)
-    mod = TitansMAL(D, H, TitansMALConfig(window=6, n_persistent=2, **SMALL))
+    mod = perturbed(TitansMAL(D, H, TitansMALConfig(window=6, n_persistent=2, **SMALL)))
     with torch.no_grad():
         r = ref_memory(mod.memory, torch.cat([mod.persistent[None].expand(2, -1, -1), x], dim=1))  # eq. 30
         want = mod.out(ref_window(mod.attn, r[:, 2:], r[:, :2]))  # eq. 31, the persistent reads as prefix

@@ -37,8 +37,9 @@ Placements (section 4):
   token's query reads the memory *as it was at the segment's start*, ``h_j = M*(q_j)``; softmax
   attention of the segment over ``[persistent | h | segment]``, where token i sees every
   persistent token, ``h_j`` for ``j <= i`` and segment tokens ``j <= i`` (never a read made with
-  a later token's query); the attention output ``y`` writes the memory, and the output is
-  ``y * M*(y)`` (read after each token's write), then a projection. RoPE positions are
+  a later token's query); the attention output ``y`` writes the memory (as ``RMSNorm(y)``,
+  ``write_norm``), and the output is ``y * 2 sigmoid(RMSNorm(M*(y)))`` (the paper's ``y (x) M*(y)``
+  as a gate, ``output``; read after each token's write), then a projection. RoPE positions are
   segment-local: persistent 0..N_p-1, h at N_p + j, the segment at N_p + s + j.
 * ``titans-mag`` (eqs. 26-28): sliding-window attention over ``[persistent | x]`` (the persistent
   tokens stay visible to every token, as the paper's prefix mask) gated with the memory's read of
@@ -108,25 +109,45 @@ class TitansConfig(MemoryConfig):
         conv_kernel: taps of the depthwise causal conv after the q/k/v projections (4, as the
             paper's "1D depthwise-separable convolution" following modern linear RNNs).
         max_lr: upper bound of the inner learning rate, ``theta_t = max_lr * sigmoid(.)``: keeps one
-            surprising token from blowing the memory up.
+            surprising token from blowing the memory up. 1.0 lets a token write as strongly as a
+            full gradient step (0.1 in memzoo before: a needle's few tokens then write too weakly).
         lr_init: theta at initialisation (sets the bias of the theta gate); must lie in (0, max_lr).
         momentum_init: eta at initialisation: how long a surprise keeps writing (0.9: ~10 tokens).
-        forget_init: alpha at initialisation (0.001: a write fades over ~1000 tokens unless the
-            model learns to keep or drop it).
+        forget_init: alpha at initialisation. 1e-5 per token keeps 0.99999^16384 = 85% of a write
+            at 16K tokens; the gate is a sigmoid of a logit near -11.5, i.e. ``exp(logit)``: the
+            model moves alpha by factors (to ~1e-13, "never forget", or up to 1) at a constant
+            rate in the logit. 0.001 (memzoo before) kept 8e-8 of a fact at 16K: erased by
+            construction.
         stop_inner_grad: stop the outer gradient at the inner updates (the memory's writes are
             treated as constants: W_K, W_V and the gates then get no gradient from the loss). An
             ablation; the paper trains through them.
+        norm_gain: a learnable gain per head and channel on the deep memory's output norm,
+            ``M(x) = x + g * LN(MLP(x))`` (g starts at ``1 / sqrt(head_dim)``, so the norm's branch
+            starts at unit length like the keys). Without it the norm pins ``||M(x) - x||`` at
+            ``sqrt(head_dim)`` whatever the weights and values of another scale are out of reach;
+            titans-pytorch gives the norm a gain too. False = the parameter-free norm.
+        gate_lr_mult: learning-rate multiplier of the gates (eta, theta, alpha) and the norm gain
+            (via ``optim_overrides``): a handful of scalars per head that must travel far in logit
+            space (alpha from 1e-5 towards 1e-13) get a small gradient at the base rate.
+        gate_weight_decay: weight decay of the same parameters. 0: decay pulls the gate logits
+            (and so alpha, theta, eta) back to 0.5, the opposite of learning to keep a fact.
+        output_gate: ``titans-lmm`` only: ``out = W_O(RMSNorm(M(x)) * sigmoid(W_g x))``, the output
+            norm and gate of the paper's section 4.4. False = ``W_O(M(x))``.
     """
 
     chunk_size: int = field(default=16, metadata=bounds(ge=1))
     memory_depth: int = field(default=2, metadata=bounds(ge=1))
     memory_expansion: int = field(default=4, metadata=bounds(ge=1))
     conv_kernel: int = field(default=4, metadata=bounds(ge=1))
-    max_lr: float = field(default=0.1, metadata=bounds(gt=0))
+    max_lr: float = field(default=1.0, metadata=bounds(gt=0))
     lr_init: float = field(default=0.01, metadata=bounds(gt=0))
     momentum_init: float = field(default=0.9, metadata=bounds(gt=0, lt=1))
-    forget_init: float = field(default=0.001, metadata=bounds(gt=0, lt=1))
+    forget_init: float = field(default=1e-5, metadata=bounds(gt=0, lt=1))
     stop_inner_grad: bool = False
+    norm_gain: bool = True
+    gate_lr_mult: float = field(default=10.0, metadata=bounds(ge=0))
+    gate_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
+    output_gate: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,10 +166,20 @@ class TitansMACConfig(TitansConfig):
         segment_len: s, tokens per segment (attention's span; h is read once per segment's
             memory). A multiple of ``chunk_size`` so that segments start at chunk boundaries.
         n_persistent: N_p, learned persistent tokens in front of every segment.
+        output: the paper's ``y (x) M*(y)``. ``"gate"``: ``y * 2 sigmoid(RMSNorm(M*(y)))``, a
+            normalisation and a non-linearity as the paper describes its gates, with the norm's
+            weight starting at 0 so the gate starts at exactly 1 (the local path untouched:
+            a warm start behaves like its backbone). ``"product"``: the raw ``y * M*(y)``
+            (memzoo before; the read has ~50% negative entries, so it scrambles the local path).
+        write_norm: write (and read) the memory with ``RMSNorm(y)`` instead of the attention output
+            ``y`` itself, whose rms is ~0.01 at initialisation: values that small make the memory's
+            writes, and so the gradients of W_V and the gates, vanish.
     """
 
     segment_len: int = field(default=512, metadata=bounds(ge=1))
     n_persistent: int = field(default=4, metadata=bounds(ge=0))
+    output: str = field(default="gate", metadata=bounds(choices=("gate", "product")))
+    write_norm: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -338,8 +369,13 @@ class NeuralMemory(nn.Module):
         self.alpha = nn.Linear(d_model, n_heads)
         shapes = mlp_shapes(config.memory_depth, self.head_dim, config.memory_expansion)
         self.init_weights = nn.ParameterList(nn.Parameter(torch.empty(n_heads, o, i)) for o, i in shapes)
+        self.norm_gain = nn.Parameter(torch.empty(n_heads, self.head_dim)) if config.norm_gain and self.residual_norm else None
         # M_0 is an initial state, not a weight matrix to shrink: no weight decay (param_groups)
         self.optim_overrides = {f"init_weights.{l}": {"weight_decay": 0.0} for l in range(len(shapes))}
+        gates = {"lr_mult": config.gate_lr_mult, "weight_decay": config.gate_weight_decay}
+        self.optim_overrides |= {f"{g}.{p}": dict(gates) for g in ("eta", "theta", "alpha") for p in ("weight", "bias")}
+        if self.norm_gain is not None:
+            self.optim_overrides["norm_gain"] = dict(gates)
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
@@ -348,6 +384,8 @@ class NeuralMemory(nn.Module):
         nn.init.uniform_(self.conv, -bound, bound)
         for w in self.init_weights:
             nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        if self.norm_gain is not None:
+            nn.init.constant_(self.norm_gain, self.head_dim**-0.5)
         cfg = self.config
         nn.init.constant_(self.eta.bias, _logit(cfg.momentum_init))
         nn.init.constant_(self.theta.bias, _logit(cfg.lr_init / cfg.max_lr))
@@ -403,6 +441,12 @@ class NeuralMemory(nn.Module):
             theta = self.config.max_lr * theta
         return rearrange(torch.stack([eta, theta, alpha], dim=-1), "b n h three -> b h n three")
 
+    def read(self, weights: tuple, q: Tensor) -> Tensor:
+        """``M*(q)`` with given weights, no write: [b, h, n, v] (fp32 or more, autocast off)."""
+        with torch.autocast(q.device.type, enabled=False):
+            gain = None if self.norm_gain is None else at_least_fp32(self.norm_gain)[None, :, None, :]
+            return memory_read(tuple(map(at_least_fp32, weights)), at_least_fp32(q), residual_norm=self.residual_norm, gain=gain)
+
     def current(self, state: NeuralMemoryState) -> tuple[tuple, tuple]:
         """The memory and momentum at the last chunk boundary (M_0 and 0 at the stream's start)."""
         if state.position == 0:
@@ -442,6 +486,7 @@ class NeuralMemory(nn.Module):
             chunk_size=c,
             residual_norm=self.residual_norm,
             stop_grad=self.config.stop_inner_grad,
+            gain=self.norm_gain,
         )
         total = k.shape[2]
         left = total % c
@@ -547,9 +592,11 @@ class _PrefixWindowAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------- placements
 class TitansLMM(MemoryModule):
-    """``titans-lmm``: the neural memory alone, ``out = W_O(M(x))``.
+    """``titans-lmm``: the neural memory alone, ``out = W_O(RMSNorm(M(x)) * sigmoid(W_g x))``
+    (``output_gate``; without it ``W_O(M(x))``).
 
-    Reference: Titans (arXiv 2501.00663), section 3 (LMM in the experiments).
+    Reference: Titans (arXiv 2501.00663), section 3 (LMM in the experiments) and section 4.4
+    (output normalisation and gating).
     """
 
     def __init__(self, d_model: int, n_heads: int, config: TitansConfig):
@@ -557,12 +604,16 @@ class TitansLMM(MemoryModule):
         self.config = config
         self.memory = NeuralMemory(d_model, n_heads, config)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        self.out_norm = RMSNorm(d_model) if config.output_gate else None
+        self.out_gate = nn.Linear(d_model, d_model) if config.output_gate else None
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> NeuralMemoryState:
         return self.memory.init_state(batch_size, device=self._default_device(device), dtype=dtype)
 
     def forward(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
         r, state = self.memory(x, state)
+        if self.out_gate is not None:
+            r = self.out_norm(r) * torch.sigmoid(self.out_gate(x))
         return self.out(r), state
 
 
@@ -610,6 +661,22 @@ class TitansMAC(_WithPersistent):
         self.segment_len, self.rope_theta = config.segment_len, rope_theta
         self.attn = _Projections(d_model, n_heads)
         self.attn_out = nn.Linear(d_model, d_model, bias=False)
+        self.write_norm = RMSNorm(d_model) if config.write_norm else None
+        self.read_norm = RMSNorm(d_model) if config.output == "gate" else None
+
+    def reset_memory_parameters(self) -> None:
+        """Persistent tokens ~ N(0, 1); the output gate's norm weight 0, so the gate starts at exactly 1."""
+        super().reset_memory_parameters()
+        if getattr(self, "read_norm", None) is not None:  # None while the parent's __init__ runs
+            nn.init.zeros_(self.read_norm.weight)
+
+    def weights_from_attention(self, attention: dict[str, Tensor]) -> dict[str, Tensor]:
+        """As the other placements, and W_O = I: with the gate at 1 the warm start is the backbone's attention
+        (plus the persistent tokens and memory reads it attends to)."""
+        weights = super().weights_from_attention(attention)
+        if self.read_norm is not None:
+            weights["out.weight"] = torch.eye(self.out.weight.shape[0], dtype=self.out.weight.dtype)
+        return weights
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMACState:
         device = self._default_device(device)
@@ -647,8 +714,7 @@ class TitansMAC(_WithPersistent):
             seg_weights = state.segment_weights
         # h_j = M*(q_j), read from the segment-start memory without writing (eq. 21)
         qh, query_conv = self.memory.queries(x, state.query_conv)
-        with torch.autocast(x.device.type, enabled=False):
-            h = memory_read(tuple(map(at_least_fp32, seg_weights)), qh, residual_norm=self.memory.residual_norm)
+        h = self.memory.read(seg_weights, qh)
         h = rearrange(h, "b h m v -> b m (h v)").to(x.dtype)
         # attention over [persistent | h | segment] (eqs. 22-23), causal in both h and the segment
         q = self.attn.queries(x)
@@ -674,8 +740,8 @@ class TitansMAC(_WithPersistent):
             self.rope_theta,
         )
         y = self.attn_out(rearrange(y, "b h m k -> b m (h k)"))
-        # write the memory with y, then read it with y (eqs. 24-25): out = y * M*(y)
-        r, memory = self.memory(y, state.memory)
+        # write the memory with y, then read it with y (eqs. 24-25): out = y (x) M*(y)
+        r, memory = self.memory(self.write_norm(y) if self.write_norm is not None else y, state.memory)
         next_state = TitansMACState(
             memory=memory,
             segment_weights=seg_weights,
@@ -686,7 +752,8 @@ class TitansMAC(_WithPersistent):
             x_values=x_values,
             position=state.position + m,
         )
-        return self.out(y * r), next_state
+        gate = 2 * torch.sigmoid(self.read_norm(r)) if self.read_norm is not None else r
+        return self.out(y * gate), next_state
 
 
 class TitansMAG(_WithPersistent):

@@ -4,7 +4,11 @@ The memory ``M`` is an MLP of depth ``L`` (one weight tensor per layer, a batch 
 per batch row and head, ``W_l: [b, h, o, i]``)::
 
     M(x) = W_1 x                                       L = 1: the linear memory
-    M(x) = x + LN(W_L silu(... silu(W_1 x)))           L >= 2: residual + norm (LN without parameters)
+    M(x) = x + g * LN(W_L silu(... silu(W_1 x)))       L >= 2: residual + norm (LN without parameters)
+
+``g`` is the norm's gain, one per head and channel (``gain``; None = 1, the LN alone). Without it
+the norm pins ``||M(x) - x||`` at ``sqrt(dim)`` whatever the weights, and values of another scale
+are out of the memory's reach. It is learned by the outer loop and held fixed by the inner one.
 
 Per token t, with keys/values/queries ``k_t, v_t, q_t: [k]`` and gates ``eta_t, theta_t, alpha_t``::
 
@@ -103,13 +107,14 @@ def _silu_grad(z: Tensor) -> Tensor:
     return s * (1 + z * (1 - s))
 
 
-def memory_read(weights: Weights, x: Tensor, *, residual_norm: bool) -> Tensor:
+def memory_read(weights: Weights, x: Tensor, *, residual_norm: bool, gain: Tensor | None = None) -> Tensor:
     """``M*(x)``: the memory's forward pass with fixed weights (no update).
 
     Args:
         weights: per layer ``[..., o, i]`` (e.g. ``[b, h, o, i]``).
         x: ``[..., n, k]`` inputs (the leading dims broadcast against the weights'), or ``[k]``.
-        residual_norm: ``x + LN(MLP(x))`` (the deep memory) instead of the bare MLP.
+        residual_norm: ``x + g * LN(MLP(x))`` (the deep memory) instead of the bare MLP.
+        gain: g, broadcast against ``[..., n, v]`` (e.g. ``[1, h, 1, v]``); None = 1.
 
     Returns:
         ``[..., n, v]``.
@@ -120,10 +125,16 @@ def memory_read(weights: Weights, x: Tensor, *, residual_norm: bool) -> Tensor:
     for l, w in enumerate(weights):
         z = a @ w.transpose(-1, -2)
         a = F.silu(z) if l < len(weights) - 1 else z
-    return x + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z
+    return x + _gained(F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gain) if residual_norm else z
 
 
-def memory_grads(weights: Weights, k: Tensor, v: Tensor, *, residual_norm: bool) -> tuple[list[Tensor], list[Tensor]]:
+def _gained(normed: Tensor, gain: Tensor | None) -> Tensor:
+    return normed if gain is None else normed * gain
+
+
+def memory_grads(
+    weights: Weights, k: Tensor, v: Tensor, *, residual_norm: bool, gain: Tensor | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
     """Per-token gradients of ``l_t = ||M(k_t) - v_t||^2`` w.r.t. each layer, in closed form.
 
     The gradient of token t w.r.t. layer l is the outer product ``dz_l[t] a_l[t]^T`` (error at the
@@ -133,7 +144,7 @@ def memory_grads(weights: Weights, k: Tensor, v: Tensor, *, residual_norm: bool)
     Args:
         weights: per layer ``[b, h, o, i]``, the memory the gradients are taken at.
         k: ``[b, h, c, k]`` keys; v: ``[b, h, c, v]`` values.
-        residual_norm: as in :func:`memory_read`.
+        residual_norm, gain: as in :func:`memory_read`.
 
     Returns:
         ``(dz, a)``: lists over layers of ``[b, h, c, o_l]`` and ``[b, h, c, i_l]``.
@@ -151,8 +162,8 @@ def memory_grads(weights: Weights, k: Tensor, v: Tensor, *, residual_norm: bool)
         mu = z.mean(-1, keepdim=True)
         rstd = torch.rsqrt(z.var(-1, unbiased=False, keepdim=True) + LN_EPS)
         normed = (z - mu) * rstd
-        dout = 2 * (k + normed - v)
-        # backward of a parameter-free LayerNorm
+        dout = 2 * (k + _gained(normed, gain) - v)
+        dout = _gained(dout, gain)  # through the gain, then the backward of a parameter-free LayerNorm
         dz = rstd * (dout - dout.mean(-1, keepdim=True) - normed * (dout * normed).mean(-1, keepdim=True))
     else:
         dz = 2 * (z - v)
@@ -176,6 +187,7 @@ def titans_naive(
     *,
     chunk_size: int = 1,
     residual_norm: bool = True,
+    gain: Tensor | None = None,
 ) -> tuple[Tensor, Weights, Weights]:
     """The reference: the memory updated token by token, gradients by ``torch.func``.
 
@@ -186,6 +198,7 @@ def titans_naive(
             alpha: ``[b, h, n]`` forgetting in [0, 1).
         chunk_size: gradients are taken at the weights of the chunk's start (1 = online).
         residual_norm: as in :func:`memory_read`.
+        gain: ``[h, v]`` the norm's gain (None = 1).
 
     Returns:
         reads ``[b, h, n, v]``, and the weights and momentum after the last complete chunk.
@@ -200,21 +213,23 @@ def titans_naive(
 
         W, S = [flat(w) for w in weights], [flat(s) for s in momentum]
         q, k, v, eta, theta, alpha = map(flat, (q, k, v, eta, theta, alpha))
+        gains = None if gain is None else flat(at_least_fp32(gain).expand(b, *gain.shape))  # [bh, v]
 
-        def loss(ws, kt, vt):  # one (batch row, head): ws per layer [o, i], kt [k], vt [v]
-            return (memory_read(ws, kt, residual_norm=residual_norm) - vt).pow(2).sum()
+        def loss(ws, kt, vt, gt):  # one (batch row, head): ws per layer [o, i], kt [k], vt [v], gt [v] or None
+            return (memory_read(ws, kt, residual_norm=residual_norm, gain=gt) - vt).pow(2).sum()
 
-        grad_fn = torch.func.vmap(torch.func.grad(loss))
+        grad_fn = torch.func.vmap(torch.func.grad(loss), in_dims=(0, 0, 0, None if gains is None else 0))
         committed = (W, S)
         reads = []
         for t in range(n):
             if t % chunk_size == 0:
                 anchor = tuple(W)  # the memory before the chunk's first token
-            g = grad_fn(anchor, k[:, t], v[:, t])
+            g = grad_fn(anchor, k[:, t], v[:, t], gains)
             e, th, keep = eta[:, t, None, None], theta[:, t, None, None], 1 - alpha[:, t, None, None]
             S = [e * s - th * gl for s, gl in zip(S, g)]
             W = [keep * w + s for w, s in zip(W, S)]
-            reads.append(memory_read(W, q[:, t, None], residual_norm=residual_norm))  # [bh, 1, v]
+            reads.append(memory_read(W, q[:, t, None], residual_norm=residual_norm,
+                                     gain=None if gains is None else gains[:, None]))  # [bh, 1, v]  # fmt: skip
             if (t + 1) % chunk_size == 0:
                 committed = (W, S)
         out = rearrange(torch.cat(reads, dim=1), "(b h) n v -> b h n v", b=b)
@@ -273,6 +288,7 @@ def titans_chunked(
     chunk_size: int = 16,
     residual_norm: bool = True,
     stop_grad: bool = False,
+    gain: Tensor | None = None,
 ) -> tuple[Tensor, Weights, Weights]:
     """The fast form: gradients at each chunk's start, momentum and decay solved per chunk.
 
@@ -290,6 +306,7 @@ def titans_chunked(
         stop_grad: cut the outer gradient through the inner updates (the gradients, gates and
             the updated weights are detached; the reads still depend on q and on the weights
             given).
+        gain: ``[h, v]`` the norm's gain (None = 1).
 
     Returns:
         reads ``[b, h, n, v]`` (fp32), and the weights and momentum after the last complete
@@ -312,6 +329,7 @@ def titans_chunked(
             theta, alpha = F.pad(theta, (0, pad)), F.pad(alpha, (0, pad))
         if stop_grad:
             k, v, eta, theta, alpha = (t.detach() for t in (k, v, eta, theta, alpha))
+        gain = None if gain is None else at_least_fp32(gain)[None, :, None, :]  # [1, h, 1, v]
         coef = _chunk_coefficients(*(rearrange(t, "b h (g c) -> b h g c", c=c) for t in (eta, theta, alpha)))
         # per-chunk views by unbind, never by indexing in the loop: the backward of x[j] allocates a
         # zero tensor of x's full size for every j, which made the backward quadratic in the chunks
@@ -320,14 +338,15 @@ def titans_chunked(
         qc, kc, vc = (rearrange(t, "b h (g c) k -> g b h c k", c=c).unbind(0) for t in (q, k, v))
         reads = []
         for j in range(g):  # sequential over chunks: the gradients of chunk j need the weights at its start
-            dz, a = memory_grads([w.detach() for w in W] if stop_grad else W, kc[j], vc[j], residual_norm=residual_norm)
+            dz, a = memory_grads([w.detach() for w in W] if stop_grad else W, kc[j], vc[j], residual_norm=residual_norm,
+                                 gain=gain.detach() if stop_grad and gain is not None else gain)  # fmt: skip
             # every token reads with its own weights (dual form): W_t r = A_t W_0 r + B_t S_0 r + sum_i G_ti (a_i . r) dz_i
             Aj, Bj = A[j][..., None], B[j][..., None]  # [b, h, c, 1]
             r = qc[j]
             for l in range(len(W)):
                 z = Aj * (r @ W[l].transpose(-1, -2)) + Bj * (r @ S[l].transpose(-1, -2)) + (G[j] * (r @ a[l].transpose(-1, -2))) @ dz[l]
                 r = F.silu(z) if l < len(W) - 1 else z
-            reads.append(qc[j] + F.layer_norm(z, z.shape[-1:], eps=LN_EPS) if residual_norm else z)
+            reads.append(qc[j] + _gained(F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gain) if residual_norm else z)
             if j < complete:  # commit the chunk: the memory and momentum after its last token
                 Ae, Be, Ee = Aj[:, :, -1, :, None], Bj[:, :, -1, :, None], E_end[j][..., None, None]  # [b, h, 1, 1]
                 Ge, Se = G[j][:, :, -1, :, None], S_coef[j][..., None]  # [b, h, c, 1]

@@ -6,6 +6,8 @@ state, detach and save/load for ``infini`` and ``infini-linear``; this file chec
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from einops import einsum, rearrange
@@ -244,9 +246,10 @@ def test_infini_learns_recall_through_memory(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "infini_learning_check.py"
-    spec = importlib.util.spec_from_file_location("infini_learning_check", path)
+    path = Path(__file__).resolve().parents[1] / "recipes" / "memory_learning_check.py"
+    spec = importlib.util.spec_from_file_location("memory_learning_check", path)
     recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses look their module up there
     spec.loader.exec_module(recipe)
     result = recipe.run(recipe.CheckConfig(), out=tmp_path / "result.json")
     assert result["accuracy_with_memory"] >= 0.8

@@ -214,6 +214,10 @@ def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
     torch.testing.assert_close(own[f"blocks.1.mixer.{proj}q.weight"], qkv[:32], atol=0, rtol=0)
     torch.testing.assert_close(own[f"blocks.1.mixer.{proj}kv.weight"], qkv[32:], atol=0, rtol=0)
     assert "blocks.1.mixer.memory.qkv.weight" in report["kept_init"]  # the neural memory learns from scratch
+    if name == "titans-mac":  # the output gate starts at exactly 1 and W_O = I: the attention output passes unchanged
+        torch.testing.assert_close(own["blocks.1.mixer.out.weight"], torch.eye(32), atol=0, rtol=0)
+        torch.testing.assert_close(own["blocks.1.mixer.attn_out.weight"], src["blocks.1.mixer.out.weight"], atol=0, rtol=0)
+        assert float(own["blocks.1.mixer.read_norm.weight"].abs().max()) == 0.0
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

@@ -51,8 +51,9 @@ def warm_start(model: torch.nn.Module, checkpoint: str | Path) -> dict:
         if isinstance(module, MemoryModule):
             attention = {name[len(prefix) + 1 :]: t for name, t in source.items() if name.startswith(prefix + ".")}
             if {"qkv.weight", "out.weight"} <= set(attention):  # the source is softmax attention here
-                for name, tensor in module.weights_from_attention(attention).items():
-                    source.setdefault(f"{prefix}.{name}", tensor)
+                # the mapping wins over a same-named source tensor: e.g. titans-mac's own W_O (I, after the
+                # attention's W_O, which goes to attn_out) must not take the attention's W_O a second time
+                source |= {f"{prefix}.{name}": tensor for name, tensor in module.weights_from_attention(attention).items()}
     copied, kept_init = [], []
     for name, param in model.named_parameters():
         if name not in source:

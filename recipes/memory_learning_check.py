@@ -1,18 +1,20 @@
-"""Learning check for ``infini``: does a tiny model learn to recall, through its memory, a fact from segment 1?
+"""Learning check for a compressive memory: does a tiny model learn to recall, through its memory, a fact from segment 1?
 
 Task (synthetic, byte-sized ids): a stream of ``n_segments`` segments of ``segment_len`` tokens.
 Somewhere in the first segment sits the fact ``MARK v`` (v one of ``n_values`` value tokens); every
 other token is filler. The last token of every later segment is ``QUERY``, whose label is v. Local
-attention never crosses a segment boundary, so from segment 2 on the answer can only come through
-the compressive memory. Chance is 1 / n_values.
+attention never crosses a segment boundary (``infini``, ``titans-mac``: attention within the
+segment; ``titans-mag``/``titans-mal``: a sliding window of ``segment_len`` tokens, so the query
+sees its own segment only; ``titans-lmm`` has no attention), so from segment 2 on the answer can
+only come through the memory. Chance is 1 / n_values.
 
 The model is trained with the shared :class:`memzoo.training.Trainer` (AdamW through
-``param_groups``, so the gates get ``optim_overrides``: 10x lr, no decay) for a few CPU-minutes,
-then evaluated on fresh streams twice: as is, and with the memory knocked out (M and z reset to
-zero after every segment, which is exactly what the model sees in its first segment; local
-attention and the gates are untouched). Results go to JSON.
+``param_groups``, so the gates get their ``optim_overrides``: higher lr, no decay) for a few
+CPU-minutes, then evaluated on fresh streams twice: as is, and with the memory knocked out (a fresh
+state after every segment, which is exactly what the model sees in its first segment; the weights
+are untouched). Results go to JSON.
 
-    nice -n 10 python recipes/infini_learning_check.py --out results/infini_learning_check.json
+    python recipes/memory_learning_check.py --design titans-mac --out runs/learning-check/titans-mac.json
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 import memzoo
+from memzoo.bench import machine_info
 from memzoo.model import IGNORE_INDEX
 from memzoo.training import TrainConfig, Trainer
 
@@ -39,7 +43,7 @@ FILLER = (100, 228)  # filler ids [lo, hi)
 class CheckConfig:
     """Sizes of the check (defaults: a few CPU-minutes on one thread)."""
 
-    design: str = "infini"
+    design: str = "infini"  # infini, infini-linear, titans-lmm, titans-mac, titans-mag, titans-mal
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
@@ -52,9 +56,12 @@ class CheckConfig:
     lr: float = 3e-3
     warmup_steps: int = 30
     eval_streams: int = 512
-    eval_segments: tuple[int, ...] = (4, 8)  # evaluate at the training length and at twice it
+    # evaluate at the training length, twice it, and far beyond: 128 x 32 = 4K and 512 x 32 = 16K tokens,
+    # where forgetting decides (a write kept with (1 - alpha) per token: 0.999^16384 = 8e-8, 0.99999^16384 = 0.85)
+    eval_segments: tuple[int, ...] = (4, 8, 128, 512)
     threads: int = 1
     seed: int = 0
+    options: dict = dataclasses.field(default_factory=dict)  # the design's own options, e.g. {"norm_gain": False}
 
 
 def make_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: torch.Generator) -> dict:
@@ -74,27 +81,49 @@ def make_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: to
 
 @torch.no_grad()
 def evaluate(model, cfg: CheckConfig, n_segments: int, *, knock_out: bool) -> list[float]:
-    """Accuracy (argmax = v) at each query, i.e. after segments 2..n; streamed one segment per call."""
-    batch = make_batch(cfg, cfg.eval_streams, n_segments, torch.Generator().manual_seed(10_000 + n_segments))
+    """Accuracy (argmax = v) at each query, i.e. after segments 2..n; streamed one segment per call.
+    Streams of more than 8 segments are fewer (``eval_streams * 8 / n_segments``, at least 16)."""
+    streams = max(16, cfg.eval_streams * 8 // max(n_segments, 8))  # long streams: fewer of them (about 128K tokens)
+    batch = make_batch(cfg, min(streams, cfg.eval_streams), n_segments, torch.Generator().manual_seed(10_000 + n_segments))
     ids, labels = batch["input_ids"], batch["labels"]
     state, hits = model.init_state(ids.shape[0]), []
     for start in range(0, ids.shape[1], cfg.segment_len):
         out = model(ids[:, start : start + cfg.segment_len], state=state)
         state = out.state
-        if knock_out:  # an empty memory after every segment: what the model sees in its first segment
-            layers = [dataclasses.replace(s, M=torch.zeros_like(s.M), z=torch.zeros_like(s.z)) for s in state.layers]
-            state = dataclasses.replace(state, layers=layers)
+        if knock_out:  # a fresh memory after every segment: what the model sees in its first segment
+            state = model.init_state(ids.shape[0])
         lab = labels[:, start : start + cfg.segment_len]
         if start > 0:
             hits.append(float((out.logits[:, -1].argmax(-1) == lab[:, -1]).float().mean()))
     return hits
 
 
+#: the option that sets each design's local span to the check's segment (titans-lmm has none)
+SPAN = {"infini": "segment_len", "infini-linear": "segment_len", "titans-mac": "segment_len", "titans-mag": "window",
+        "titans-mal": "window", "titans-lmm": None}  # fmt: skip
+
+
+def gates(model) -> dict:
+    """The memory gates the model learned, per layer: infini's sigmoid(beta) per head; Titans' mean
+    eta, theta, alpha over heads at a zero input (the bias: the gate of a token that says nothing)."""
+    if hasattr(model.blocks[0].mixer, "beta"):
+        return {"sigmoid_beta": [[round(float(g), 3) for g in blk.mixer.beta.detach().sigmoid()] for blk in model.blocks]}
+    rows = []
+    for blk in model.blocks:
+        mem = blk.mixer.memory
+        eta, theta, alpha = (torch.sigmoid(lin.bias.detach()) for lin in (mem.eta, mem.theta, mem.alpha))
+        rows.append({"eta": float(eta.mean()), "theta": float(mem.config.max_lr * theta.mean()), "alpha": float(alpha.mean())})
+    return {"titans_gates_at_zero_input": rows}
+
+
 def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
     """Train, evaluate with and without memory, return (and write to ``out``) the results."""
+    if cfg.design not in SPAN:
+        raise ValueError(f"the learning check is for the compressive memories {sorted(SPAN)}, got {cfg.design!r}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = memzoo.build(cfg.design, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, segment_len=cfg.segment_len)
+    span = {SPAN[cfg.design]: cfg.segment_len} if SPAN[cfg.design] else {}
+    model = memzoo.build(cfg.design, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, **span, **cfg.options)
     n = cfg.n_segments * cfg.segment_len
     train = TrainConfig(
         steps=cfg.steps,
@@ -119,11 +148,18 @@ def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
         "tokens_per_s": round(trainer.step * cfg.batch_size * n / seconds),
         "loss_first_last": [round(history[0]["loss"], 3), round(history[-1]["loss"], 3)],
         "chance": 1 / cfg.n_values,
-        "gates_sigmoid_beta": [[round(float(g), 3) for g in blk.mixer.beta.detach().sigmoid()] for blk in model.blocks],
-    }
+        "machine": machine_info(),
+    } | gates(model)
     for segs in cfg.eval_segments:
-        result[f"accuracy_per_query_{segs}seg"] = [round(a, 3) for a in evaluate(model, cfg, segs, knock_out=False)]
-        result[f"accuracy_per_query_{segs}seg_knocked_out"] = [round(a, 3) for a in evaluate(model, cfg, segs, knock_out=True)]
+        hits = {kind: [round(a, 3) for a in evaluate(model, cfg, segs, knock_out=kind == "knocked_out")]
+                for kind in ("memory", "knocked_out")}  # fmt: skip
+        if segs <= 8:
+            result[f"accuracy_per_query_{segs}seg"] = hits["memory"]
+            result[f"accuracy_per_query_{segs}seg_knocked_out"] = hits["knocked_out"]
+        # the last query: the fact (segs - 1) segments back
+        result.setdefault("last_query", []).append(
+            {"tokens": segs * cfg.segment_len, "with_memory": hits["memory"][-1], "knocked_out": hits["knocked_out"][-1]}
+        )
     # headline: the last query at the training length (fact n_segments - 1 segments back)
     result["accuracy_with_memory"] = result[f"accuracy_per_query_{cfg.n_segments}seg"][-1]
     result["accuracy_memory_knocked_out"] = result[f"accuracy_per_query_{cfg.n_segments}seg_knocked_out"][-1]
@@ -135,14 +171,22 @@ def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--design", default=CheckConfig.design, help="infini or infini-linear")
+    parser.add_argument("--design", default=CheckConfig.design, help=", ".join(SPAN))
     parser.add_argument("--steps", type=int, default=CheckConfig.steps)
     parser.add_argument("--minutes", type=float, default=CheckConfig.max_minutes, help="training wall-time limit")
     parser.add_argument("--threads", type=int, default=CheckConfig.threads)
-    parser.add_argument("--out", default="results/infini_learning_check.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="design options (YAML values), e.g. norm_gain=false forget_init=0.001")  # fmt: skip
+    parser.add_argument("--out", default=None, help="JSON results (default runs/learning-check/DESIGN.json)")
     args = parser.parse_args(argv)
-    cfg = CheckConfig(design=args.design, steps=args.steps, max_minutes=args.minutes, threads=args.threads)
-    print(json.dumps(run(cfg, args.out), indent=1))
+    options = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    cfg = CheckConfig(design=args.design, steps=args.steps, max_minutes=args.minutes, threads=args.threads, options=options)
+    print(json.dumps(run(cfg, args.out or f"runs/learning-check/{args.design}.json"), indent=1))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class TitansConfig(MemoryConfig):
 
     Attributes:
         chunk_size: c, tokens per mini-batch of the inner gradient descent (the paper's b):
-            gradients are taken at the chunk's start. 16 as issue 4 asks; 1 is the exact online rule.
+            gradients are taken at the chunk's start. 16 by default; 1 is the exact online rule.
         memory_depth: L_M, layers of the memory MLP (1 = the linear memory ``W k``; the paper finds
             deeper memories better and uses 2 by default).
         memory_expansion: hidden width of the deep memory, in multiples of the head dim.

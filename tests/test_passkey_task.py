@@ -159,7 +159,7 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         masks = batch["metric_masks"]
         assert tok.decode(labels[row][masks["answer"][row]]) == key
         assert tok.decode(labels[row][masks["copy"][row]]) == key
-        # Group weights (FINDINGS): 1 on the key copy, 1 on the answer (space + digits + full
+        # Group weights (an early prototype's recipe): 1 on the key copy, 1 on the answer (space + digits + full
         # stop), 0.2 on the rest, each spread evenly over its group's tokens.
         copy, w = masks["copy"][row], weights[row]
         answer = torch.zeros_like(copy)

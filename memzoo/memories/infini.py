@@ -20,7 +20,7 @@ the state); ``detach_every`` cuts them inside a call every k segments.
 Optimiser knobs of the gate: the module exposes ``optim_overrides`` (read by
 :func:`memzoo.training.param_groups.param_groups`), by default ``{"beta": {"lr_mult": 10.0,
 "weight_decay": 0.0}}``: reproductions whose gates never left sigmoid(0) = 0.5 trained them like
-every other weight; a 10x learning rate and no decay let the prototype of FINDINGS learn passkey.
+every other weight; a 10x learning rate and no decay let an early prototype learn passkey.
 """
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ UPDATE_RULES = ("delta", "linear")
 # ---------------------------------------------------------------------------------- config
 @dataclass
 class InfiniConfig(MemoryConfig):
-    """Infini-attention's knobs (defaults: the paper's method at CPU scale, FINDINGS' gate recipe).
+    """Infini-attention's knobs (defaults: the paper's method at CPU scale, an early prototype's gate recipe).
 
     Attributes:
         segment_len: s, tokens per segment. The paper uses 2048; 256 keeps the local attention
-            cheap on a CPU and is what the prototype of FINDINGS learned passkey with.
+            cheap on a CPU and is what an early prototype learned passkey with.
         update_rule: ``"delta"`` (paper's Linear + Delta: write only what the memory does not
             already return for a key) or ``"linear"`` (M += s(K)^T V).
         gate_init: initial beta of every head. 0 gives sigmoid(0) = 0.5, an even mix of memory
             and local attention, where sigmoid's slope (so the gradient reaching beta) is
-            largest; FINDINGS' prototype learned with it. A negative value starts local-first.
+            largest; an early prototype learned with it. A negative value starts local-first.
         gate_lr_mult: learning-rate multiplier of beta (via ``optim_overrides``). 10 because one
             scalar per head gets a small gradient at the base rate and stays near 0.5 (the
-            failure of reproductions); 10x let the gates move in FINDINGS' prototype.
+            failure of reproductions); 10x let the gates move in an early prototype.
         gate_weight_decay: weight decay of beta. 0: decay pulls beta to 0, i.e. the gate back
             to 0.5, which is exactly the failure to avoid.
         detach_every: cut the memory's autograd graph every this many segments of the stream

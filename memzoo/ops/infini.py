@@ -26,8 +26,8 @@ module uses (all segments' local attention in one call, the memory read of every
 einsum, the linear rule as a cumulative sum). Tests hold them together.
 
 Reference: Munkhdalai et al., "Leave No Context Behind" (arXiv 2404.07143), section 2.1.2:
-memory retrieval, linear update, delta update and long-term context injection (numbered eqs. 7-10
-in issue #3), with A_dot from section 2.1.1.
+memory retrieval, linear update, delta update and long-term context injection (numbered here eqs. 7-10,
+counting the projection, attention and gate formulas before them), with A_dot from section 2.1.1.
 """
 
 from __future__ import annotations

@@ -359,7 +359,7 @@ def make_training_batch(
     ``f" {key}"``: ``n`` = ``n_tokens`` includes the answer. With a subword tokenizer a row
     that comes out shorter is right-padded (pad id, label -100, weight 0), harmless for a
     causal model. The default weights are the ones that made a tiny model learn the task
-    (docs FINDINGS): without the copy term nothing was learned.
+    (an early prototype): without the copy term nothing was learned.
 
     Each weight belongs to a *group* of predictions (the answer, the key copy, the rest) and is
     spread evenly over that group's tokens in the row, so the loss

@@ -49,7 +49,7 @@ BatchFn = Callable[[int, torch.Generator], dict]
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (defaults: the recipe that learned passkey on this CPU, FINDINGS.md).
+    """Optimisation settings (defaults: the recipe that learned passkey on this CPU in an early prototype).
 
     Attributes:
         steps: optimisation steps in all.

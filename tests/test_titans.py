@@ -181,7 +181,7 @@ def perturbed(mod):
     with torch.no_grad():
         if mod.memory.norm_gain is not None:
             mod.memory.norm_gain.copy_(0.2 + 0.6 * torch.rand(mod.memory.norm_gain.shape, generator=g))
-        for name in ("read_norm", "out_norm", "out_gate"):
+        for name in ("read_norm", "out_norm", "out_gate", "memory_norm"):
             if getattr(mod, name, None) is not None:
                 mod.get_submodule(name).weight.copy_(torch.randn(mod.get_submodule(name).weight.shape, generator=g))
     return mod
@@ -314,13 +314,38 @@ def test_mac_matches_reference(x):
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 
 
-def test_mag_matches_reference(x):
+@pytest.mark.parametrize("output", ["gate", "normed"])
+def test_mag_matches_reference(x, output):
     torch.manual_seed(0)
-    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL)))
+    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output=output, **SMALL)))
     with torch.no_grad():
         y = ref_window(mod.attn, x, mod.persistent[None])
-        want = mod.out(mod.attn_norm(y) * torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x))))
+        gate = torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x)))  # eq. 28
+        want = mod.out(y * 2 * gate if output == "gate" else mod.attn_norm(y) * gate)
         assert_close(run_module(mod, x, [4, 9])[0], want, **placement_op(mod))
+
+
+def test_mag_gate_at_exactly_one_is_a_saddle_and_gate_init_leaves_it(x):
+    """With the gate's norm weight at 0, MAG's memory read gets no gradient (nor the memory's keys and values
+    behind it): the memory cannot start learning. A small gate_init gives it one. (MAC's memory also feeds
+    the attention context through h, so its gate at 1 is no saddle.)"""
+    grads = {}
+    for gate_init in (0.0, 0.3):
+        torch.manual_seed(0)
+        mod = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output="gate", gate_init=gate_init, **SMALL))
+        run_module(mod, x)[0].pow(2).sum().backward()
+        grads[gate_init] = float(mod.memory.qkv.weight.grad.abs().max())
+    assert grads[0.0] == 0.0 and grads[0.3] > 0.0
+
+
+def test_mag_gate_starts_at_one(x):
+    """A fresh MAG is its window attention alone: the memory's gate is exactly 1."""
+    torch.manual_seed(0)
+    mod = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output="gate", gate_init=0.0, **SMALL))
+    assert float(mod.memory_norm.weight.abs().max()) == 0.0
+    with torch.no_grad():
+        y = ref_window(mod.attn, x, mod.persistent[None])
+        assert_close(run_module(mod, x, [4, 9])[0], mod.out(y), **placement_op(mod))
 
 
 def test_mal_matches_reference(x):

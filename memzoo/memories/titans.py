@@ -680,7 +680,7 @@ class TitansMAC(_WithPersistent):
         self.read_norm = RMSNorm(d_model) if config.output == "gate" else None
 
     def reset_memory_parameters(self) -> None:
-        """Persistent tokens ~ N(0, 1); the output gate's norm weight 0, so the gate starts at exactly 1."""
+        """Persistent tokens ~ N(0, 1); the output gate's norm weight ``gate_init`` (0 by default: the gate starts at exactly 1)."""
         super().reset_memory_parameters()
         if getattr(self, "read_norm", None) is not None:  # None while the parent's __init__ runs
             nn.init.constant_(self.read_norm.weight, self.config.gate_init)
@@ -785,7 +785,7 @@ class TitansMAG(_WithPersistent):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Persistent tokens ~ N(0, 1); with ``output="gate"`` the gate's norm weight 0, so the gate starts at 1."""
+        """Persistent tokens ~ N(0, 1); with ``output="gate"`` the gate's norm weight ``gate_init`` (at 0 the gate starts at 1)."""
         super().reset_memory_parameters()
         if getattr(self, "attn_norm", 0) is None:  # 0 while the parent's __init__ runs
             nn.init.constant_(self.memory_norm.weight, self.config.gate_init)

@@ -12,7 +12,7 @@ from . import memories  # noqa: F401  (registers every design)
 from .config import MemZooConfig
 from .interface import MemoryConfig, MemoryModule, MemoryState
 from .io import load
-from .model import MemZooForCausalLM, MemZooState
+from .model import MemZooForCausalLM, MemZooState, shift_labels
 from .registry import available, build, memory_config, register, swap_memory
 from .tokenizer import tokenizer
 
@@ -32,6 +32,7 @@ __all__ = [
     "MemZooConfig",
     "MemZooForCausalLM",
     "MemZooState",
+    "shift_labels",
 ]
 
 AutoConfig.register("memzoo", MemZooConfig, exist_ok=True)

@@ -6,9 +6,12 @@ Block is ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``, where *mixer* is t
 position embedding: each design places positions itself (RoPE on segment-local or slot positions),
 which is how a model trained on 4K tokens runs on 1M without seeing an unknown position.
 
-Labels convention: ``labels[:, t]`` is the token that should *follow* ``input_ids[:, t]`` (already
-shifted; -100 = ignore). transformers' models shift inside instead; memzoo does not, because a
-stream cut into segments would lose the prediction at every segment boundary.
+Labels follow transformers: ``labels`` has the shape of ``input_ids``, ``labels[:, t]`` is the token
+*at* position t (``labels=input_ids`` is the usual language-modelling call, -100 = ignore), and the
+model shifts them: position t's logits are scored against ``labels[:, t + 1]``. One call cannot
+score its last position (the next token is in the next call); :meth:`MemZooForCausalLM.stream` and
+the trainer shift the whole stream once, with :func:`shift_labels`, so no prediction is lost at a
+segment boundary.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -28,9 +32,22 @@ from .config import MemZooConfig
 from .interface import MemoryModule, MemoryState, iter_tensors
 from .registry import memory_config
 
-__all__ = ["MemZooForCausalLM", "MemZooState", "MemZooOutput", "StreamOutput", "RMSNorm", "SwiGLU", "Block"]
+__all__ = ["MemZooForCausalLM", "MemZooState", "MemZooOutput", "StreamOutput", "RMSNorm", "SwiGLU", "Block", "shift_labels"]
 
 IGNORE_INDEX = -100
+
+
+def shift_labels(labels: Tensor, fill: int | float | bool = IGNORE_INDEX) -> Tensor:
+    """transformers-style labels [b, n] -> next-token targets [b, n], aligned with the logits.
+
+    ``out[:, t] = labels[:, t + 1]``, the token position t's logits should predict; the last
+    position has none and gets ``fill``. Shift a whole stream once, then cut it into segments, so
+    the prediction across each segment boundary is kept. The same call aligns anything indexed
+    like the labels: per-token loss weights (``fill=0.0``) or masks (``fill=False``).
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, tokens], got shape {tuple(labels.shape)}")
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), fill)], dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -68,6 +85,8 @@ class Block(nn.Module):
         self.mixer: MemoryModule = memory_config(config.memory, **config.memory_config).build_module(config, layer_idx)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = SwiGLU(config.d_model, config.d_ff)
+
+    gradient_checkpointing = False  # set by transformers' ``model.gradient_checkpointing_enable()``
 
     def forward(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:  # x: [b, n, d]
         y, state = self.mixer(self.mixer_norm(x), state)
@@ -112,7 +131,8 @@ class MemZooOutput(ModelOutput):
     """Output of :meth:`MemZooForCausalLM.forward`.
 
     Attributes:
-        loss: mean cross-entropy over labels != -100 (None without labels).
+        loss: mean cross-entropy of each position's logits against the next label, over labels != -100
+            (None without labels).
         logits: [b, n, vocab].
         state: the state after these tokens.
         hidden_states: with ``output_hidden_states=True``, the residual stream [b, n, d] after the
@@ -147,6 +167,7 @@ class MemZooPreTrainedModel(PreTrainedModel):
     config_class = MemZooConfig
     base_model_prefix = "memzoo"
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -322,6 +343,8 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         input_ids: Tensor,
         state: MemZooState | None = None,
         labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
         **kwargs,
     ) -> MemZooOutput:
         """Run the next segment of the stream.
@@ -329,8 +352,17 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         Args:
             input_ids: [b, n] token ids (n >= 1).
             state: from :meth:`init_state` or the previous call (default: a fresh stream).
-            labels: [b, n] next-token targets, already shifted: ``labels[:, t]`` follows
-                ``input_ids[:, t]``; -100 is ignored.
+            labels: [b, n], transformers' convention: ``labels[:, t]`` is the token at position t
+                (``labels=input_ids``, -100 where no loss); the model shifts them, so the loss is
+                over predictions 0..n-2 (the last position's target is in the next call: use
+                :meth:`stream` or :func:`shift_labels` to keep it).
+            attention_mask: [b, n] 1 for real tokens, 0 for padding, as a tokenizer returns it.
+                All ones, or right padding (each row's ones, then zeros: a causal model's real
+                tokens never see the pads) is honoured; the state after a padded call has read the
+                pads, so ``state`` is None then. Left padding or holes raise: every token enters a
+                design's running state (a memory write, a cache slot), so none can be skipped.
+            num_items_in_batch: with gradient accumulation (transformers' ``Trainer`` passes it),
+                the loss is the *sum* of cross-entropies divided by this count instead of a mean.
 
         Returns:
             :class:`MemZooOutput` with ``loss`` (if labels), ``logits`` [b, n, vocab] and ``state``.
@@ -344,6 +376,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
                 "memory reads without one); for an eviction cache's attention use memzoo.hf.EvictingCache on a transformers model"
             )
         self._check_inputs(input_ids, state)
+        padded = attention_mask is not None and self._check_attention_mask(attention_mask, input_ids)
         input_ids = input_ids.long()  # uint8 / int16 ids are fine token ids; nn.Embedding takes int64
         if state is None:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
@@ -351,7 +384,12 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         hidden = [h] if kwargs.get("output_hidden_states") else None
         new_layers = []
         for blk, layer_state in zip(self.blocks, state.layers):
-            h, layer_state = blk(h, layer_state)
+            if blk.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant: the state is a dataclass of tensors, and its gradient path (BPTT
+                # across segments) must survive the recompute.
+                h, layer_state = torch.utils.checkpoint.checkpoint(blk, h, layer_state, use_reentrant=False)
+            else:
+                h, layer_state = blk(h, layer_state)
             new_layers.append(layer_state)
             if hidden is not None:
                 hidden.append(h)
@@ -360,34 +398,62 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             hidden[-1] = self.norm(h)
         loss = None
         if labels is not None:
-            loss = self._loss(logits, labels, input_ids)
-        next_state = dataclasses.replace(state, layers=new_layers, position=state.position + input_ids.shape[1])
+            targets = shift_labels(self._check_labels(labels, input_ids, allow_empty=num_items_in_batch is not None))
+            if num_items_in_batch is None:
+                loss = self._loss(logits, targets)
+            else:
+                loss = self._loss(logits, targets, reduction="sum") / torch.as_tensor(num_items_in_batch).to(logits.device)
+        next_state = None if padded else dataclasses.replace(state, layers=new_layers, position=state.position + input_ids.shape[1])
         out = MemZooOutput(loss=loss, logits=logits, state=next_state, hidden_states=tuple(hidden) if hidden else None)
         return out if kwargs.get("return_dict", True) else out.to_tuple()
 
     @staticmethod
-    def _check_labels(labels: Tensor, input_ids: Tensor) -> Tensor:
-        """The labels as int64, or a clear error: wrong shape or dtype, unshifted, or nothing to predict."""
+    def _check_attention_mask(attention_mask: Tensor, input_ids: Tensor) -> bool:
+        """True when some row is right-padded; a clear error for a mask no design can honour."""
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            return False
+        # right padding: along each row the mask never goes from 0 back to 1
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()) or not bool(mask[:, 0].all()):
+            raise ValueError(
+                "attention_mask has left padding or holes: every token enters a memzoo design's running state (a memory "
+                "write, a cache slot), so a masked token cannot be skipped. Right-pad (tokenizer.padding_side = 'right'), "
+                "feed rows of equal length, or generate one row at a time"
+            )
+        return True
+
+    @staticmethod
+    def _check_labels(labels: Tensor, input_ids: Tensor, allow_empty: bool = False) -> Tensor:
+        """The labels as int64, or a clear error: wrong shape or dtype, pre-shifted, or nothing to predict."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be integer token ids (and -100 to ignore), got dtype {labels.dtype}")
-        if input_ids.shape[1] > 1 and torch.equal(labels, input_ids):
+        labels = labels.long()
+        scored = labels[:, 1:] != IGNORE_INDEX  # the labels the shifted loss reads
+        if not allow_empty and not bool(scored.any()):
             raise ValueError(
-                "labels equal input_ids: memzoo labels are next-token targets, already shifted "
-                "(labels[:, t] follows input_ids[:, t]); pass input_ids=ids[:, :-1], labels=ids[:, 1:]"
+                "no label after the first position is set (-100 everywhere, or a one-token call): labels are shifted inside "
+                "the model, so labels[:, 0] is never scored and there is no token to compute a loss on (its mean would be NaN); "
+                "pass labels=None for a call that only advances the state, or use model.stream(ids, labels=...)"
             )
-        if labels.numel() and bool((labels == IGNORE_INDEX).all()):
-            raise ValueError(
-                "every label is -100 (ignored): there is no token to compute a loss on (its mean would be NaN); "
-                "pass labels=None for a call that only advances the state"
-            )
-        return labels.long()
+        # The convention before transformers' was pre-shifted: catch such labels instead of training on them.
+        before = labels[:, :-1] != IGNORE_INDEX
+        if bool(before.any()) and torch.equal(labels[:, :-1][before], input_ids[:, 1:][before].long()):
+            unshifted = labels != IGNORE_INDEX
+            if not torch.equal(labels[unshifted], input_ids[unshifted].long()):
+                raise ValueError(
+                    "labels look pre-shifted (labels[:, t] == input_ids[:, t + 1]): memzoo follows transformers, labels[:, t] "
+                    "is the token at position t and the model shifts them. Pass labels=input_ids (-100 where no loss)"
+                )
+        return labels
 
-    @classmethod
-    def _loss(cls, logits: Tensor, labels: Tensor, input_ids: Tensor, reduction: str = "mean") -> Tensor:
-        labels = cls._check_labels(labels, input_ids)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    @staticmethod
+    def _loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of logits [b, n, V] against *shifted* targets [b, n] (-100 ignored)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
     # ------------------------------------------------------------------ long streams
     @torch.no_grad()
@@ -410,8 +476,9 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             input_ids: [b, n] token ids, any n >= 1.
             segment_len: tokens per forward call.
             state: continue from this state (default: a fresh stream).
-            labels: [b, n] next-token targets (shifted; -100 ignored): the loss is averaged over
-                the whole stream.
+            labels: [b, n] in transformers' convention (``labels=input_ids``, -100 ignored): shifted
+                once over the whole stream, so the prediction across every segment boundary is
+                scored; the loss is their mean (the last token's target lies beyond the stream).
             keep_logits: return all logits [b, n, vocab] (costs n x vocab floats) instead of the
                 last token's [b, vocab].
             progress: show a tqdm progress bar in tokens.
@@ -422,8 +489,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         if not isinstance(segment_len, int) or segment_len < 1:
             raise ValueError(f"segment_len must be a positive int, got {segment_len!r}")
         self._check_inputs(input_ids, state)
-        if labels is not None:
-            labels = self._check_labels(labels, input_ids)
+        targets = shift_labels(self._check_labels(labels, input_ids)) if labels is not None else None
         if state is None:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
         n = input_ids.shape[1]
@@ -435,10 +501,10 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             ids = input_ids[:, start : start + segment_len]
             out = self(ids, state=state)
             state = out.state
-            if labels is not None:
-                lab = labels[:, start : start + segment_len]
-                loss_sum += F.cross_entropy(out.logits.flatten(0, 1).float(), lab.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-                n_labels += int((lab != IGNORE_INDEX).sum())
+            if targets is not None:
+                piece = targets[:, start : start + segment_len]
+                loss_sum += self._loss(out.logits, piece, reduction="sum")
+                n_labels += int((piece != IGNORE_INDEX).sum())
             if keep_logits:
                 kept.append(out.logits)
             else:
@@ -446,7 +512,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
             bar.update(ids.shape[1])
         bar.close()
         logits = torch.cat(kept, dim=1) if keep_logits else kept[-1]
-        loss = loss_sum / max(n_labels, 1) if labels is not None else None
+        loss = loss_sum / max(n_labels, 1) if targets is not None else None
         return StreamOutput(logits=logits, loss=loss, state=state, n_tokens=n)
 
     @torch.no_grad()

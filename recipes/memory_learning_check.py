@@ -2,7 +2,7 @@
 
 Task (synthetic, byte-sized ids): a stream of ``n_segments`` segments of ``segment_len`` tokens.
 Somewhere in the first segment sits the fact ``MARK v`` (v one of ``n_values`` value tokens); every
-other token is filler. The last token of every later segment is ``QUERY``, whose label is v. Local
+other token is filler. The last token of every later segment is ``QUERY``, whose answer is v. Local
 attention never crosses a segment boundary (``infini``, ``titans-mac``: attention within the
 segment; ``titans-mag``/``titans-mal``: a sliding window of ``segment_len`` tokens, so the query
 sees its own segment only; ``titans-lmm`` has no attention), so from segment 2 on the answer can
@@ -31,7 +31,7 @@ import yaml
 
 import memzoo
 from memzoo.bench import machine_info
-from memzoo.model import IGNORE_INDEX
+from memzoo.model import IGNORE_INDEX, shift_labels
 from memzoo.training import TrainConfig, Trainer
 
 MARK, QUERY = 5, 6  # control tokens, never used as filler or values
@@ -65,17 +65,23 @@ class CheckConfig:
 
 
 def make_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: torch.Generator) -> dict:
-    """input_ids / labels [batch, n_segments * segment_len]: fact in segment 1, a query at the end of each later one."""
+    """input_ids / labels [batch, n_segments * segment_len + 1]: fact in segment 1, a query at the end of each later one.
+
+    Labels follow transformers (the trainer shifts them): the value a query asks for is the label of
+    the position after it. The last query's answer lies past the stream, so one token (the value)
+    is appended; being last, it changes no earlier prediction.
+    """
     S, n = cfg.segment_len, n_segments * cfg.segment_len
     ids = torch.randint(*FILLER, (batch_size, n), generator=generator)
     values = VALUE0 + torch.randint(cfg.n_values, (batch_size,), generator=generator)
     where = torch.randint(S - 2, (batch_size,), generator=generator)  # MARK at where, v at where + 1 (both in segment 1)
     rows = torch.arange(batch_size)
     ids[rows, where], ids[rows, where + 1] = MARK, values
-    labels = torch.full_like(ids, IGNORE_INDEX)
     queries = torch.arange(2 * S - 1, n, S)  # the last token of segments 2..n
     ids[:, queries] = QUERY
-    labels[:, queries] = values[:, None]
+    ids = torch.cat([ids, values[:, None]], dim=1)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, queries + 1] = values[:, None]
     return {"input_ids": ids, "labels": labels}
 
 
@@ -85,16 +91,17 @@ def evaluate(model, cfg: CheckConfig, n_segments: int, *, knock_out: bool) -> li
     Streams of more than 8 segments are fewer (``eval_streams * 8 / n_segments``, at least 16)."""
     streams = max(16, cfg.eval_streams * 8 // max(n_segments, 8))  # long streams: fewer of them (about 128K tokens)
     batch = make_batch(cfg, min(streams, cfg.eval_streams), n_segments, torch.Generator().manual_seed(10_000 + n_segments))
-    ids, labels = batch["input_ids"], batch["labels"]
+    n = n_segments * cfg.segment_len  # the appended answer token is not streamed
+    ids, targets = batch["input_ids"][:, :n], shift_labels(batch["labels"])[:, :n]
     state, hits = model.init_state(ids.shape[0]), []
-    for start in range(0, ids.shape[1], cfg.segment_len):
+    for start in range(0, n, cfg.segment_len):
         out = model(ids[:, start : start + cfg.segment_len], state=state)
         state = out.state
         if knock_out:  # a fresh memory after every segment: what the model sees in its first segment
             state = model.init_state(ids.shape[0])
-        lab = labels[:, start : start + cfg.segment_len]
+        wanted = targets[:, start : start + cfg.segment_len]
         if start > 0:
-            hits.append(float((out.logits[:, -1].argmax(-1) == lab[:, -1]).float().mean()))
+            hits.append(float((out.logits[:, -1].argmax(-1) == wanted[:, -1]).float().mean()))
     return hits
 
 
@@ -129,7 +136,7 @@ def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
         steps=cfg.steps,
         lr=cfg.lr,
         warmup_steps=cfg.warmup_steps,
-        segment_len=n,  # one call per stream: full back-propagation through the memory
+        segment_len=n + 1,  # one call per stream (and its appended answer): full back-propagation through the memory
         autocast="none",  # a model this small runs faster in fp32 on a CPU
         log_every=50,
         save_every=0,

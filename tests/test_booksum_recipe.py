@@ -43,14 +43,14 @@ def test_training_batch_targets_the_summary(tok):
     assert ids.shape == labels.shape == weights.shape and ids.shape[0] == 2
     for row in range(2):
         valid = labels[row] != -100
-        m = int(valid.sum()) + 1  # the row's length: every position but the last has a label
-        assert torch.equal(labels[row, : m - 1], ids[row, 1:m])  # next-token aligned
+        m = int(valid.sum()) + 1  # the row's length: every position but the first has a label
+        assert labels[row, 0] == -100 and torch.equal(labels[row, 1:m], ids[row, 1:m])  # transformers' convention
         target = labels[row][weights[row] == 1.0]
         text = tok.decode(target)
         assert text.startswith(" In chapter ") and text.endswith("</s>")
         context = tok.decode(ids[row, : m - len(target)])
         assert context.endswith(SUMMARY_PROMPT) and "Chapter 1\n" in context
-        assert set(weights[row, : m - 1].unique().tolist()) == {0.25, 1.0} and not weights[row, m - 1 :].any()
+        assert set(weights[row, 1:m].unique().tolist()) == {0.25, 1.0} and not weights[row, m:].any() and not weights[row, 0]
     # deterministic from the generator: a resumed run sees the same books
     again = make_booksum_training_batch(2, 700, tok, torch.Generator().manual_seed(0), n_events=2, other_weight=0.25)
     assert torch.equal(again["input_ids"], ids)

@@ -179,8 +179,8 @@ def test_every_parameter_gets_a_gradient(name):
     """Two segments, so that paths through the memory state are used too."""
     model = tiny(name)
     x = ids(2, 41)
-    first = model(x[:, :20], labels=x[:, 1:21])
-    second = model(x[:, 20:40], state=first.state, labels=x[:, 21:41])
+    first = model(x[:, :20], labels=x[:, :20])
+    second = model(x[:, 20:40], state=first.state, labels=x[:, 20:40])
     (first.loss + second.loss).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"no gradient reaches {missing}"
@@ -250,8 +250,13 @@ def test_state_of_another_batch_size(name):
         model(ids(2, 5), state=model.init_state(3))
 
 
-def test_labels_equal_to_inputs_is_caught():
+def test_pre_shifted_labels_are_caught():
+    """memzoo's convention before transformers' was pre-shifted labels; such labels must not train silently."""
     model = tiny("full")
     x = ids(1, 10)
-    with pytest.raises(ValueError, match="already shifted"):
-        model(x, labels=x)
+    with pytest.raises(ValueError, match="pre-shifted"):
+        model(x[:, :-1], labels=x[:, 1:])
+    masked = x[:, 1:].clone()
+    masked[:, :4] = -100  # a prompt masked out, as a collator does: still pre-shifted
+    with pytest.raises(ValueError, match="pre-shifted"):
+        model(x[:, :-1], labels=masked)

@@ -142,13 +142,15 @@ def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
         batch = make_training_batch(3, cell["length"], tok, 5, depth=cell["depth"])
         with torch.no_grad():
             logits = model(batch["input_ids"]).logits
-        digits = batch["metric_masks"]["answer"]
-        ce = torch.nn.functional.cross_entropy(logits[digits], batch["labels"][digits])
+        # the positions that predict the digits, and their targets (labels follow transformers: shift them)
+        digits = memzoo.shift_labels(batch["metric_masks"]["answer"], False)
+        targets = memzoo.shift_labels(batch["labels"])
+        ce = torch.nn.functional.cross_entropy(logits[digits], targets[digits])
         # streamed vs one call: the memory sums over the stream's tokens (the longest reduction), 2 layers
         computed = rounding(n=cell["length"], depth=model.config.n_layers) * float(ce)
         assert cell["answer_ce"] == pytest.approx(float(ce), abs=reported + computed)
         # fractions of the same argmax hits (no near-ties): only the reported rounding
-        right = logits.argmax(-1) == batch["labels"]
+        right = logits.argmax(-1) == targets
         assert cell["digit_accuracy"] == pytest.approx(float(right[digits].float().mean()), abs=reported)
         assert cell["exact"] == pytest.approx(float((right | ~digits).all(1).float().mean()), abs=reported)
 

@@ -143,19 +143,20 @@ def test_eval_grid_is_deterministic_and_pairs_keys_across_cells(tok):
     assert [s.key for s in other[2]] != keys
 
 
-def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
+def test_training_batch_labels_follow_transformers_and_weights_follow_findings(tok):
     batch = make_training_batch(4, 400, tok, generator=0)
     ids, labels, weights = batch["input_ids"], batch["labels"], batch["loss_weights"]
     assert ids.shape == labels.shape == weights.shape == (4, 400)
     assert ids.dtype == labels.dtype == torch.long and weights.dtype == torch.float32
-    assert torch.equal(labels[:, :-1], ids[:, 1:]) and (labels[:, -1] == -100).all()
-    assert (weights[:, -1] == 0).all()
+    # transformers' convention: labels[:, t] is the token at t (nothing predicts token 0)
+    assert torch.equal(labels[:, 1:], ids[:, 1:]) and (labels[:, 0] == -100).all()
+    assert (weights[:, 0] == 0).all()
     for row in range(4):
         text = tok.decode(ids[row])
         prompt, answer = text[:-7], text[-7:]
         key = answer.strip(" .")
         assert prompt.endswith(LANDMARK_QUESTION) and answer == f" {key}." and score(answer, int(key))
-        # The logged metrics: the answer's digits and the needle's key copy, as label masks.
+        # The logged metrics: the answer's digits and the needle's key copy, as masks indexed like the labels.
         masks = batch["metric_masks"]
         assert tok.decode(labels[row][masks["answer"][row]]) == key
         assert tok.decode(labels[row][masks["copy"][row]]) == key
@@ -163,10 +164,10 @@ def test_training_batch_labels_are_next_tokens_and_weights_follow_findings(tok):
         # stop), 0.2 on the rest, each spread evenly over its group's tokens.
         copy, w = masks["copy"][row], weights[row]
         answer = torch.zeros_like(copy)
-        answer[-8:-1] = True  # predicting " " + 5 digits + "."
+        answer[-7:] = True  # " " + 5 digits + "."
         assert tok.decode(labels[row][answer]) == f" {key}."
         rest = ~(copy | answer)
-        rest[-1] = False
+        rest[0] = False
         # exact by construction: each weight is one IEEE division (group weight / group size), the
         # same on every machine; allclose's default only absorbs the fp32 rounding of 1/5 and 1/7
         assert torch.allclose(w[copy], torch.tensor(1.0 / 5)) and torch.allclose(w[answer], torch.tensor(1.0 / 7))
@@ -195,7 +196,7 @@ def test_training_batch_options(tok):
     # A group's weight does not depend on the prompt length: the answer keeps its share.
     longer = make_training_batch(1, 900, tok, generator=5)["loss_weights"][0]
     assert longer.sum().item() == pytest.approx(2.2, rel=rounding(n=longer.numel()))  # fp32 sums of 900 and 7 weights
-    assert longer[-8:-1].sum().item() == pytest.approx(1.0, rel=rounding(n=7))
+    assert longer[-7:].sum().item() == pytest.approx(1.0, rel=rounding(n=7))
     with pytest.raises(ValueError, match="answer.*too small"):
         make_training_batch(1, min_length(12345), tok, generator=0)
 

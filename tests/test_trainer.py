@@ -21,9 +21,9 @@ TINY = dict(d_model=32, n_layers=2, n_heads=2)
 
 def random_batches(batch_size: int = 4, n: int = 24):
     def batch_fn(step: int, generator: torch.Generator) -> dict:
-        seq = torch.randint(3, 40, (batch_size, n + 1), generator=generator)
+        seq = torch.randint(3, 40, (batch_size, n), generator=generator)
         weights = torch.rand(batch_size, n, generator=generator)
-        return {"input_ids": seq[:, :-1], "labels": seq[:, 1:], "loss_weights": weights}
+        return {"input_ids": seq, "labels": seq, "loss_weights": weights}  # transformers' convention
 
     return batch_fn
 
@@ -93,12 +93,14 @@ def test_no_grad_prefix_streams_without_gradient():
 def test_metric_masks_log_mean_cross_entropy_across_segments():
     batch = random_batches()(0, torch.Generator().manual_seed(0))
     mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    mask[:, 3] = mask[:, 20] = True  # one prediction in the first segment, one in the third
+    mask[:, 4] = mask[:, 20] = True  # predicted at 3 (first segment) and at 19 (third): labels shift
     batch["metric_masks"] = {"probe": mask}
     model = make("full")
     with torch.no_grad():
         logits = model(batch["input_ids"]).logits
-    expected = torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask])
+    at = memzoo.shift_labels(mask, False)  # the positions that predict the masked tokens
+    assert at[:, 3].all() and at[:, 19].all() and int(at.sum()) == 2 * mask.shape[0]
+    expected = torch.nn.functional.cross_entropy(logits[at], memzoo.shift_labels(batch["labels"])[at])
     metrics = Trainer(model, config(segment_len=8, lr=0.0), lambda s, g: batch).train_step()
     # streamed in 3 segments vs one call: the logits' longest reduction is the FFN's (d_ff = 96), 2 layers
     assert metrics["ce_probe"] == pytest.approx(float(expected), rel=rounding(n=model.config.d_ff, depth=model.config.n_layers))
@@ -236,7 +238,7 @@ def test_divergence_stops_before_the_weights_turn_nan(tmp_path):
     def batch_fn(step: int, generator: torch.Generator) -> dict:
         batch = good(step, generator)
         if step == 2:  # the third step's loss is NaN
-            batch["loss_weights"][0, 0] = float("nan")
+            batch["loss_weights"][0, 1] = float("nan")  # (position 0's weight is never read: nothing predicts token 0)
         return batch
 
     model = make(budget=8, evict_every=4)

@@ -93,7 +93,7 @@ def make_booksum_training_batch(
     summary_weight: float = 1.0,
     other_weight: float = 0.1,
 ) -> dict[str, torch.Tensor]:
-    """A batch of synthetic book + prompt + summary sequences, with next-token labels and loss weights.
+    """A batch of synthetic book + prompt + summary sequences, with labels and loss weights.
 
     Each row is a fresh synthetic book of at most ``n_tokens`` tokens (seed drawn from
     ``generator`` in :data:`TRAIN_SEED_RANGE`, so the data are a function of the generator),
@@ -113,8 +113,9 @@ def make_booksum_training_batch(
             language-modelling term that teaches the model to read the filler and events.
 
     Returns:
-        ``input_ids: [b, n]``, ``labels: [b, n]`` (``labels[:, t]`` follows ``input_ids[:, t]``;
-        -100 at each row's last position and on padding), ``loss_weights: [b, n]`` float32.
+        ``input_ids: [b, n]``, ``labels: [b, n]`` in transformers' convention (``labels[:, t]`` is
+        the token at t, the model and the trainer shift them; -100 at each row's first position and
+        on padding), ``loss_weights: [b, n]`` float32 indexed like ``labels``.
     """
     generator = _as_generator(generator)
     rows = []
@@ -131,9 +132,9 @@ def make_booksum_training_batch(
         seq = torch.cat([context, target])
         m, p = len(seq), len(context)
         input_ids[row, :m] = seq
-        labels[row, : m - 1] = seq[1:]
-        weights[row, : m - 1] = other_weight
-        weights[row, p - 1 : m - 1] = summary_weight  # target j is predicted at position j - 1
+        labels[row, 1:m] = seq[1:]  # transformers' convention: the model shifts them
+        weights[row, 1:m] = other_weight
+        weights[row, p:m] = summary_weight
     return {"input_ids": input_ids, "labels": labels, "loss_weights": weights}
 
 

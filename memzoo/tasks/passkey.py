@@ -353,7 +353,7 @@ def make_training_batch(
     copy_weight: float = 1.0,
     other_weight: float = 0.2,
 ) -> dict[str, torch.Tensor]:
-    """A batch of prompt + answer sequences with next-token labels and per-token loss weights.
+    """A batch of prompt + answer sequences with labels and per-token loss weights.
 
     Each row is ``make_sample(n_tokens - len(answer), ...)`` followed by the answer
     ``f" {key}"``: ``n`` = ``n_tokens`` includes the answer. With a subword tokenizer a row
@@ -384,13 +384,15 @@ def make_training_batch(
         other_weight: weight of every other prediction, as a group.
 
     Returns:
-        ``input_ids: [b, n]`` int64; ``labels: [b, n]`` int64 with ``labels[:, t]`` the token
-        that follows ``input_ids[:, t]`` (-100 at the last position and on padding);
-        ``loss_weights: [b, n]`` float32 aligned with ``labels`` (0 where the label is -100;
-        a row's weights sum to ``answer_weight + copy_weight + other_weight``);
-        ``metric_masks``: ``{"answer": [b, n], "copy": [b, n]}`` bool, the predictions of the
-        answer's digits and of the needle's key copy (the trainer logs their mean cross-entropy:
-        ln 10 = 2.30 nats is chance, the model has not found the key yet).
+        ``input_ids: [b, n]`` int64; ``labels: [b, n]`` int64 in transformers' convention,
+        ``labels[:, t]`` the token at position t (the model and the trainer shift them; -100 at
+        the first position and on padding); ``loss_weights: [b, n]`` float32 indexed like
+        ``labels``, the weight of predicting token t (0 where the label is -100; a row's weights
+        sum to ``answer_weight + copy_weight + other_weight``);
+        ``metric_masks``: ``{"answer": [b, n], "copy": [b, n]}`` bool, indexed like ``labels``:
+        the answer's digit tokens and the needle's second copy of the key (the trainer logs the
+        mean cross-entropy of predicting them: ln 10 = 2.30 nats is chance, the model has not
+        found the key yet).
         ``needle_spans``: ``[b, 2]`` int64, each row's needle sentence as ``(start, end)`` token
         indices, end exclusive (for analyses, e.g. which of its tokens a KV cache still holds).
     """
@@ -426,19 +428,18 @@ def make_training_batch(
         seq = torch.cat([sample.input_ids, answer])
         m, p = len(seq), len(sample.input_ids)
         input_ids[row, :m] = seq
-        labels[row, : m - 1] = seq[1:]
-        # Target j is predicted at position j - 1.
+        labels[row, 1:m] = seq[1:]  # token 0 has nothing before it to be predicted from
         needle_spans[row] = torch.tensor(sample.needle_span)
         start, end = sample.key_copy_span
-        key_copy[row, start - 1 : end - 1] = True
+        key_copy[row, start:end] = True
         answer_mask = torch.zeros(n_tokens, dtype=torch.bool)
-        answer_mask[p - 1 : m - 1] = True
+        answer_mask[p:m] = True
         other = torch.zeros(n_tokens, dtype=torch.bool)
-        other[: m - 1] = True
+        other[1:m] = True
         other &= ~(answer_mask | key_copy[row])
         for group, weight in ((other, other_weight), (key_copy[row], copy_weight), (answer_mask, answer_weight)):
             weights[row, group] = weight / group.sum()
-        answer_digits[row, p : p + len(head) - 1] = True  # the answer after its leading space: the digits
+        answer_digits[row, p + 1 : p + len(head)] = True  # the answer after its leading space: the digits
     return {
         "input_ids": input_ids,
         "labels": labels,

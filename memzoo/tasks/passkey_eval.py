@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..model import IGNORE_INDEX
+from ..model import IGNORE_INDEX, shift_labels
 from ..tokenizer import tokenizer as default_tokenizer
 from .passkey import make_sample, make_training_batch, random_key, score
 
@@ -204,7 +204,10 @@ def probe_passkey(
     for length in lengths:
         for depth in depths:
             batch = make_training_batch(n_rows, length, tok, seed, depth=depth)
-            ids, labels, digits = batch["input_ids"].to(device), batch["labels"].to(device), batch["metric_masks"]["answer"].to(device)
+            ids = batch["input_ids"].to(device)
+            # aligned with the logits: position t predicts labels[:, t + 1]
+            labels = shift_labels(batch["labels"].to(device))
+            digits = shift_labels(batch["metric_masks"]["answer"].to(device), False)
             first = int(digits.any(dim=0).nonzero()[0])  # the earliest answer prediction of any row
             state = model.init_state(n_rows, device=device)
             if first:

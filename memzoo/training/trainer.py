@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..io import atomic_directory, recover_directory
-from ..model import IGNORE_INDEX, MemZooForCausalLM
+from ..model import IGNORE_INDEX, MemZooForCausalLM, shift_labels
 from ..validation import bounds, check_fields, check_value
 from .param_groups import param_groups
 from .resume import check_same_run, truncate_log
@@ -43,7 +43,9 @@ __all__ = ["TrainConfig", "Trainer", "BatchFn", "weighted_loss", "token_cross_en
 
 #: ``batch_fn(step, generator) -> {"input_ids": [B, n], "labels": [B, n], "loss_weights": [B, n] (optional),
 #: "metric_masks": {name: bool [B, n]} (optional: the log gets ``ce_<name>``, the mean cross-entropy
-#: of the predictions under each mask, e.g. the passkey answer digits)}``
+#: of the predictions under each mask, e.g. the passkey answer digits)}``. Labels follow transformers
+#: (``labels[:, t]`` is the token at t, -100 ignored); weights and masks are indexed like them (the
+#: weight of predicting token t). The trainer shifts all of them once over the whole sequence.
 BatchFn = Callable[[int, torch.Generator], dict]
 
 
@@ -109,13 +111,18 @@ class TrainConfig:
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token cross-entropy ``[b, n]`` in fp32 (0 where the label is -100). logits: [b, n, V]."""
+    """Per-token cross-entropy ``[b, n]`` in fp32 (0 where the label is -100). logits: [b, n, V].
+
+    ``labels`` here are aligned with the logits (already shifted, :func:`~memzoo.model.shift_labels`).
+    """
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return ce.view(labels.shape)
 
 
 def weighted_loss(logits: Tensor, labels: Tensor, weights: Tensor | None, ce: Tensor | None = None) -> Tensor:
     """Sum over tokens of weight x cross-entropy (labels -100 count 0). logits: [b, n, V].
+
+    ``labels`` and ``weights`` are aligned with the logits (shifted, :func:`~memzoo.model.shift_labels`).
 
     ``ce``: the :func:`token_cross_entropy` of these logits when the caller already has it.
     """
@@ -170,6 +177,11 @@ class Trainer:
         batch = self.batch_fn(self.step, gen)
         ids, labels, weights = batch["input_ids"], batch["labels"], batch.get("loss_weights")
         masks = dict(batch.get("metric_masks") or {})
+        # transformers-style labels: shift the whole sequence once (weights and masks with it), so
+        # the prediction across every segment boundary below is trained.
+        labels = shift_labels(MemZooForCausalLM._check_labels(labels, ids))
+        weights = shift_labels(weights, 0.0) if weights is not None else None
+        masks = {name: shift_labels(mask, False) for name, mask in masks.items()}
         total_weight = _label_weight(labels, weights)  # over the global batch: every rank sees it
         if self.world > 1:
             if ids.shape[0] % self.world:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +259,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         with atomic_directory(save_directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
             (tokenizer or default_tokenizer()).save_pretrained(tmp)
+            _write_auto_map(Path(tmp))
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MemZooState:
@@ -591,3 +593,22 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, gen
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
+
+#: the two files ``auto_map`` names: each imports its class from the installed memzoo package, so
+#: ``trust_remote_code=True`` opens a checkpoint without ``import memzoo`` first (memzoo must be installed).
+_REMOTE_CODE = {
+    "configuration_memzoo.py": ("AutoConfig", "from memzoo.config import MemZooConfig", "MemZooConfig"),
+    "modeling_memzoo.py": ("AutoModelForCausalLM", "from memzoo.model import MemZooForCausalLM", "MemZooForCausalLM"),
+}
+
+
+def _write_auto_map(folder: Path) -> None:
+    """Add ``auto_map`` to a saved checkpoint's config.json and write the files it points to."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {}
+    for file, (auto_class, line, name) in _REMOTE_CODE.items():
+        doc = '"""Opens this memzoo checkpoint with trust_remote_code=True; needs ``pip install memzoo``."""'
+        (folder / file).write_text(f'{doc}\n\n{line}\n\n__all__ = ["{name}"]\n')
+        config["auto_map"][auto_class] = f"{file.removesuffix('.py')}.{name}"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -122,3 +122,34 @@ def test_transformers_trainer_learns_the_next_token(tmp_path):
     copies = float((pred == x[:, :-1]).float().mean())
     assert next_right > 0.9 and copies < 0.1, (next_right, copies)
 
+
+
+def test_trust_remote_code_opens_a_checkpoint_without_importing_memzoo(tmp_path):
+    """config.json's auto_map names two files the checkpoint carries; a fresh interpreter that never
+    imports memzoo itself gets the same model (same logits) from AutoModelForCausalLM."""
+    import json
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = memzoo.build("titans-mac", **TINY).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_memzoo.MemZooConfig", "AutoModelForCausalLM": "modeling_memzoo.MemZooForCausalLM"}
+    x = ids(1, 12)
+    with torch.no_grad():
+        torch.save({"x": x, "logits": model(x).logits}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert "memzoo" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    assert torch.equal(model(expected["x"]).logits, expected["logits"]), "other logits"
+print(type(model).__name__)
+"""
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("MemZooForCausalLM")

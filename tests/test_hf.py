@@ -38,14 +38,14 @@ def prompt(n: int, seed: int = 0) -> torch.Tensor:
 def generate(model, ids, cache, **kwargs):
     if cache.policy.needs_attention:
         with mh.attention_probs(model):
-            return model.generate(ids, do_sample=False, past_key_values=cache, **kwargs)
-    return model.generate(ids, do_sample=False, past_key_values=cache, **kwargs)
+            return model.generate(ids, do_sample=False, **mh.generate_cache_kwargs(cache), **kwargs)
+    return model.generate(ids, do_sample=False, **mh.generate_cache_kwargs(cache), **kwargs)
 
 
 @pytest.mark.parametrize("policy", mh.POLICIES)
 def test_large_budget_gives_the_tokens_of_dynamic_cache(model, policy):
     ids = prompt(40)
-    expected = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, **mh.generate_cache_kwargs(DynamicCache(config=model.config)))
     cache = mh.EvictingCache(policy, None if policy == "full" else 256, **({} if policy == "full" else {"evict_every": 16}))
     assert torch.equal(generate(model, ids, cache, max_new_tokens=12), expected)
     assert model.config._attn_implementation == "sdpa"  # attention_probs restored it

@@ -4,18 +4,20 @@
   by a memzoo eviction policy (``full``, ``window``, ``sinks``, ``h2o``, ``l2``, ``namm``).
 * :func:`attention_probs` / :data:`ATTENTION` - the attention that gives ``h2o`` and ``namm`` the
   probabilities they score by.
+* :func:`generate_cache_kwargs` - ``cache=`` or ``past_key_values=``, whichever this transformers takes.
 * :func:`namm_parameters` / :func:`set_namm_parameters` - read and write the NAMM scorer of a cache
   (or of a memzoo model) as one flat vector, for evolution.
 """
 
 from ..memories.namm import load_namm_parameters, namm_parameter_count, namm_parameters, save_namm_parameters, set_namm_parameters
 from .attention import ATTENTION, attention_probs, evicting_attention
-from .cache import POLICIES, EvictingCache, EvictingLayer
+from .cache import POLICIES, EvictingCache, EvictingLayer, generate_cache_kwargs
 
 __all__ = [
     "EvictingCache",
     "EvictingLayer",
     "POLICIES",
+    "generate_cache_kwargs",
     "ATTENTION",
     "attention_probs",
     "evicting_attention",

@@ -5,7 +5,7 @@ model chooses it; nothing is patched). A model uses it either for good
 (``from_pretrained(..., attn_implementation=memzoo.hf.ATTENTION)``) or for a block of code::
 
     with memzoo.hf.attention_probs(model):
-        model.generate(ids, past_key_values=memzoo.hf.EvictingCache("h2o", budget=256))
+        model.generate(ids, cache=memzoo.hf.EvictingCache("h2o", budget=256))  # past_key_values= before transformers 5.24
 
 When the keys it receives are those an :class:`~memzoo.hf.EvictingCache` layer just returned, it
 masks that layer's holes per head (``namm``) and gives the layer the probabilities of the call, per

@@ -2,7 +2,7 @@
 
     cache = memzoo.hf.EvictingCache("h2o", budget=256, evict_every=64)
     with memzoo.hf.attention_probs(model):          # h2o and namm score tokens by their attention
-        out = model.generate(ids, past_key_values=cache, prefill_chunk_size=cache.evict_every, max_new_tokens=32)
+        out = model.generate(ids, cache=cache, prefill_chunk_size=cache.evict_every, max_new_tokens=32)  # past_key_values= before 5.24
 
 Each layer holds a :class:`~memzoo.memories.kv.KVCacheState` and runs it through the very functions
 and policy objects of memzoo's own backbone (:func:`~memzoo.memories.kv.append`,
@@ -166,8 +166,8 @@ class EvictingLayer(CacheLayerMixin):
 class EvictingCache(Cache):
     """A transformers ``Cache`` that keeps at most ``budget`` tokens per layer and KV head, chosen by a memzoo policy.
 
-    Pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)`` of any transformers
-    causal LM. ``h2o`` and ``namm`` score tokens by the attention they receive: run the model inside
+    Pass it as ``cache`` to ``model.generate(...)`` (``past_key_values`` before transformers 5.24, and
+    to ``model(...)``) of any transformers causal LM. ``h2o`` and ``namm`` score tokens by the attention they receive: run the model inside
     :func:`memzoo.hf.attention_probs` (or load it with ``attn_implementation=memzoo.hf.ATTENTION``).
 
     Args:
@@ -207,3 +207,13 @@ def _attention_name() -> str:
     from .attention import ATTENTION  # the attention module imports this one
 
     return ATTENTION
+
+
+
+def generate_cache_kwargs(cache) -> dict:
+    """The keyword that hands ``cache`` to ``model.generate``: ``{"cache": cache}`` from transformers
+    5.24 on (it deprecates the older name), ``{"past_key_values": cache}`` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"cache": cache} if (major, minor) >= (5, 24) else {"past_key_values": cache}

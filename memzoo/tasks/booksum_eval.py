@@ -4,7 +4,7 @@ One prompt format serves training and evaluation: the book's tokens, then ``prom
 ``"\\n\\nSummary:"``), then the target ``" " + summary`` and EOS. A memzoo model streams the book
 through its memory in bounded memory (``model.stream``), then decodes the summary token by token
 from that state (``model.generate(prompt, state=...)``); a transformers causal LM does the same
-with ``model.generate(..., past_key_values=cache_factory())``, e.g. a bounded
+with ``model.generate(..., cache=cache_factory())``, e.g. a bounded
 :class:`memzoo.hf.EvictingCache`. Both report ROUGE-1/2/L F1 and their geometric mean
 (:func:`memzoo.metrics.rouge`) per book and over all books.
 
@@ -290,7 +290,7 @@ def evaluate_booksum_hf(
 ) -> dict:
     """ROUGE of any transformers causal LM, its KV cache made by ``cache_factory`` (e.g. a bounded EvictingCache).
 
-    Per book: ``model.generate(book + prompt, past_key_values=cache_factory(), ...)``. A cache
+    Per book: ``model.generate(book + prompt, cache=cache_factory(), ...)``. A cache
     whose policy scores tokens by attention (``h2o``, ``namm``) runs inside
     :func:`memzoo.hf.attention_probs`; a cache with an eviction rhythm gets its prompt prefilled
     in chunks of ``evict_every`` tokens (transformers' ``prefill_chunk_size``), so that attention
@@ -332,7 +332,12 @@ def evaluate_booksum_hf(
 
             hooks = attention_probs(model)
         chunk = prefill_chunk_size or getattr(cache, "evict_every", None)
-        kwargs = {"past_key_values": cache} if cache is not None else {}
+        if cache is not None:
+            from ..hf import generate_cache_kwargs
+
+            kwargs = generate_cache_kwargs(cache)
+        else:
+            kwargs = {}
         if chunk:
             kwargs["prefill_chunk_size"] = chunk
         if do_sample:

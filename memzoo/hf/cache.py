@@ -26,8 +26,17 @@ scoring logic. Differences from memzoo's ``CachedAttention``:
 * **Heads and layers.** Policies choose per KV head. Every policy but ``namm`` keeps the same number
   of tokens in every head and layer, so the model's own attention (sdpa, flash...) works with it;
   ``namm`` may keep different numbers (its threshold), leaving holes that
-  :func:`memzoo.hf.attention_probs`' attention masks per head. Padded batches are not supported:
-  after an eviction the model's 2-D padding mask no longer lines up with the kept tokens.
+  :func:`memzoo.hf.attention_probs`' attention masks per head.
+* **Masks.** Under :func:`memzoo.hf.attention_probs` the mask is built from the kept tokens' stream
+  positions, so sliding-window layers (Mistral, Gemma2/3, GPT-OSS) see exactly their window of the
+  kept tokens, and a padded batch is refused with an error (after an eviction each row would keep
+  other tokens than its padding mask assumes). The model's own attention (sdpa, eager) treats the
+  kept tokens as the latest ones: right for ``window`` and for models without sliding windows, but
+  not for ``sinks``/``l2`` on sliding-window models, and it cannot see padding: use
+  ``attention_probs`` for those, and generate padded prompts one row at a time.
+* **Models.** Every layer must be softmax attention through transformers' ``AttentionInterface``;
+  :func:`memzoo.hf.check_model` (called by ``attention_probs``) refuses the others (Falcon, Bloom,
+  Mamba, Jamba) with a message naming the tested model types.
 """
 
 from __future__ import annotations
@@ -52,16 +61,17 @@ POLICIES = ("full", "window", "sinks", "h2o", "l2", "namm")
 
 # (layer, keys, valid) of the latest update: the attention function called right after it with those
 # very keys hands the probabilities back to that layer. A ContextVar keeps threads and tasks apart.
-_LATEST_UPDATE: ContextVar[tuple[EvictingLayer, Tensor, Tensor] | None] = ContextVar("memzoo_latest_update", default=None)
+_LATEST_UPDATE: ContextVar[tuple[EvictingLayer, Tensor, Tensor, Tensor] | None] = ContextVar("memzoo_latest_update", default=None)
 
 
-def take_latest_update(key: Tensor) -> tuple[EvictingLayer | None, Tensor | None]:
-    """The layer and validity mask [b, h, T] behind ``key``, if ``key`` is what an EvictingLayer just returned."""
+def take_latest_update(key: Tensor) -> tuple[EvictingLayer | None, Tensor | None, Tensor | None]:
+    """The layer, validity mask [b, h, T] and stream positions [b, h, T] of the slots behind ``key``,
+    if ``key`` is what an EvictingLayer just returned (else three Nones)."""
     latest = _LATEST_UPDATE.get()
     if latest is None or latest[1] is not key:
-        return None, None
+        return None, None, None
     _LATEST_UPDATE.set(None)
-    return latest[0], latest[2]
+    return latest[0], latest[2], latest[3]
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -110,7 +120,7 @@ class EvictingLayer(CacheLayerMixin):
         state = append(self.state, key_states, value_states)
         T = state.length
         keys, values = state.keys[:, :, :T], state.values[:, :, :T]
-        _LATEST_UPDATE.set((self, keys, state.valid[:, :, :T]))
+        _LATEST_UPDATE.set((self, keys, state.valid[:, :, :T], state.token_pos[:, :, :T]))
         self._unobserved = self.policy.needs_attention
         self._store(state, key_states.shape[2], evict_now=not self.policy.needs_attention)
         return keys, values

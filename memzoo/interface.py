@@ -78,8 +78,8 @@ class MemoryState:
     """Everything a :class:`MemoryModule` carries from one call to the next.
 
     Designs subclass it as a ``@dataclass`` whose fields are tensors (or nested states, lists of
-    them, or plain ints such as a stream position). ``detach``, ``nbytes``, ``to`` and
-    ``expand_batch`` work on any such subclass without extra code, given one convention:
+    them, or plain ints such as a stream position). ``detach``, ``nbytes``, ``to``,
+    ``expand_batch`` and ``select_rows`` work on any such subclass without extra code, given one convention:
     **every tensor in a state has the batch as its first dimension** (the conformance suite checks it).
     """
 
@@ -109,6 +109,14 @@ class MemoryState:
         if hasattr(expanded, "batch_size"):
             expanded = dataclasses.replace(expanded, batch_size=batch_size)
         return expanded
+
+    def select_rows(self, index: Tensor) -> MemoryState:
+        """The rows ``index`` [b'] of the batch, in that order (repeats allowed): reorders beams,
+        repeats a prompt's state for several samples."""
+        selected = map_tensors(self, lambda t: t.index_select(0, index.to(t.device)))
+        if hasattr(selected, "batch_size"):
+            selected = dataclasses.replace(selected, batch_size=int(index.numel()))
+        return selected
 
     def to(self, device=None, dtype=None) -> MemoryState:
         """Move every tensor (floating tensors only are cast to ``dtype``)."""

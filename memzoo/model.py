@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .config import MemZooConfig
@@ -216,7 +216,7 @@ class MemZooPreTrainedModel(PreTrainedModel):
             module.reset_memory_parameters()
 
 
-class MemZooForCausalLM(MemZooPreTrainedModel):
+class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
     """A causal LM whose every layer mixes tokens with the configured memory design.
 
     Build one with :func:`memzoo.build`; load one with :func:`memzoo.load` or
@@ -517,81 +517,122 @@ class MemZooForCausalLM(MemZooPreTrainedModel):
         loss = loss_sum / max(n_labels, 1) if targets is not None else None
         return StreamOutput(logits=logits, loss=loss, state=state, n_tokens=n)
 
+    # ------------------------------------------------------------------ generation
+    # transformers' GenerationMixin runs the loop (greedy, sampling with top-k/top-p, beams,
+    # GenerationConfig, stopping criteria, streamers, pipeline("text-generation")); the memory state
+    # rides in model_kwargs["state"], a name its beam search reorders through _reorder_cache.
+
     @torch.no_grad()
     def generate(
         self,
-        input_ids: Tensor,
-        max_new_tokens: int = 16,
+        input_ids: Tensor | None = None,
+        generation_config=None,
         *,
         state: MemZooState | None = None,
-        segment_len: int = 1024,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
+        segment_len: int | None = 1024,
         progress: bool = False,
         return_state: bool = False,
-    ) -> Tensor | tuple[Tensor, MemZooState]:
-        """Stream the prompt in bounded memory, then decode token by token.
+        **kwargs,
+    ):
+        """transformers' ``generate``, after streaming the prompt in bounded memory.
 
-        Decoding one token at a time is exactly the computation training did (split invariance),
-        for every design.
+        Everything but the prompt's last token is read ``segment_len`` tokens per call (as
+        :meth:`stream`), then ``transformers.GenerationMixin.generate`` decodes from that state, one
+        token per call: greedy, ``do_sample`` with ``temperature`` / ``top_k`` / ``top_p``,
+        ``num_beams`` (the state's rows follow their beams), ``num_return_sequences``,
+        ``generation_config``, ``eos_token_id`` (an int or a list; finished rows are filled with
+        ``pad_token_id``), ``return_dict_in_generate``, streamers. Decoding one token at a time is the
+        computation training did (split invariance), for every design.
 
         Args:
-            input_ids: [b, n] prompt.
-            max_new_tokens: tokens to generate.
-            state: continue a stream (e.g. ask a second question after a long context).
-            segment_len: tokens per call while reading the prompt.
-            do_sample: sample (with ``temperature`` and nucleus ``top_p``) instead of greedy.
-            eos_token_id: rows that produce it stop; later positions are filled with it.
-            generator: RNG for sampling.
+            input_ids: [b, n] prompt (n >= 1).
+            generation_config: a ``transformers.GenerationConfig`` (default: the model's).
+            state: continue a stream (e.g. ask a second question after a long context); a batch-1
+                state serves a batch of prompts.
+            segment_len: tokens per call while reading the prompt (None: the whole prompt in one call).
             progress: progress bar over the prompt.
-            return_state: also return the state after the last generated token.
+            return_state: return ``(ids, state)``, the state after the prompt and every generated
+                token but the last (the one a next call would start from).
+            **kwargs: generation arguments (``max_new_tokens``, ``do_sample``, ...) and
+                ``attention_mask`` (all ones: memzoo designs cannot skip padding, see :meth:`forward`).
 
         Returns:
-            [b, n + new] prompt followed by the generated tokens (and the state if asked).
+            [b, n + new] token ids, or what transformers returns for ``return_dict_in_generate=True``
+            (its cache field holds the state); with ``return_state``, ``(ids, state)``.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        out = self.stream(input_ids, segment_len, state=state, progress=progress)
-        state, logits = out.state, out.logits  # logits: [b, vocab]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
-        for step in range(max_new_tokens):
-            next_id = _pick(logits, do_sample, temperature, top_p, generator)  # [b]
-            if eos_token_id is not None:
-                next_id = torch.where(done, torch.full_like(next_id, eos_token_id), next_id)
-                done |= next_id == eos_token_id
-            new.append(next_id)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            step_out = self(next_id[:, None], state=state)
-            state, logits = step_out.state, step_out.logits[:, -1]
-        if new:
-            ids = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
-            if eos_token_id is not None and ids.shape[1] < input_ids.shape[1] + max_new_tokens:
-                pad = ids.new_full((ids.shape[0], input_ids.shape[1] + max_new_tokens - ids.shape[1]), eos_token_id)
-                ids = torch.cat([ids, pad], dim=1)
-        else:
-            ids = input_ids
-        return (ids, state) if return_state else ids
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ValueError("generate needs input_ids [batch, n >= 1]; memzoo models take no inputs_embeds")
+        if isinstance(generation_config, int):
+            raise TypeError(
+                f"generate's second argument is a GenerationConfig (transformers' order); pass max_new_tokens={generation_config} by name"
+            )
+        if "generator" in kwargs:
+            raise TypeError("generate() samples with torch's global RNG, as transformers does: call torch.manual_seed(seed) "
+                            "(inside torch.random.fork_rng() to leave the caller's RNG alone) instead of passing generator=")  # fmt: skip
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(
+                "generate got a padded batch: every token enters a memzoo design's running state (a memory write, a cache "
+                "slot), so padding cannot be skipped; generate one row at a time or batch prompts of equal length"
+            )
+        if state is not None and state.batch_size == 1 and input_ids.shape[0] > 1:
+            state = state.expand_batch(input_ids.shape[0])
+        self._check_inputs(input_ids, state)
+        consumed = 0
+        if segment_len is not None and input_ids.shape[1] > 1:
+            state = self.stream(input_ids[:, :-1], segment_len, state=state, progress=progress).state
+            consumed = input_ids.shape[1] - 1
+        if state is not None:
+            kwargs["state"] = state
+        want_dict = kwargs.pop("return_dict_in_generate", None)
+        if want_dict is None:
+            want_dict = getattr(generation_config or self.generation_config, "return_dict_in_generate", False)
+        out = super().generate(
+            input_ids, generation_config, return_dict_in_generate=want_dict or return_state,
+            memzoo_offset=(0 if state is None else state.position) - consumed, **kwargs,
+        )  # fmt: skip
+        if not return_state:
+            return out
+        final = next(getattr(out, name) for name in ("cache", "past_key_values") if getattr(out, name, None) is not None)
+        return (out if want_dict else out.sequences), final
 
+    def prepare_inputs_for_generation(
+        self, input_ids: Tensor, state: MemZooState | None = None, attention_mask: Tensor | None = None, memzoo_offset: int = 0, **kwargs
+    ) -> dict:  # fmt: skip
+        """The tokens of ``input_ids`` the state has not read yet (all of them at first, then the newest one).
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> Tensor:
-    """Next token per row from logits [b, vocab]: argmax, or nucleus sampling."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        ``memzoo_offset`` = the state's position when ``input_ids[:, 0]`` was fed (set by :meth:`generate`).
+        """
+        consumed = (0 if state is None else state.position) - memzoo_offset
+        inputs = {"input_ids": input_ids[:, consumed:], "state": state}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask[:, consumed:]
+        for name in ("output_hidden_states", "return_dict"):
+            if kwargs.get(name) is not None:
+                inputs[name] = kwargs[name]
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs: MemZooOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["state"] = outputs.state
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        state = model_kwargs.pop("state", None)  # beams and num_return_sequences repeat each row's state with its prompt
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if state is not None:
+            rows = torch.arange(state.batch_size).repeat_interleave(expand_size)
+            model_kwargs["state"] = state if expand_size == 1 else state.select_rows(rows)
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, state: MemZooState, beam_idx: Tensor) -> MemZooState:
+        return state.select_rows(beam_idx)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the memory state is the model's own; transformers must not make a KV cache for it
 
 
 #: the two files ``auto_map`` names: each imports its class from the installed memzoo package, so

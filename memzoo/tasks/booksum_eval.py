@@ -212,7 +212,7 @@ def evaluate_booksum(
         max_new_tokens: decoding budget; None = each reference's length in tokens (EOS included).
         do_sample: sample instead of greedy decoding.
         temperature / top_p: sampling parameters (with ``do_sample``).
-        seed: seeds sampling (one generator for all books, in order).
+        seed: seeds sampling (book i draws with seed + i, leaving the caller's RNG alone).
         segment_len: tokens per forward call while streaming.
         prompt: text between book and summary (the one the model was trained with).
         progress: a progress bar in streamed tokens over all books.
@@ -233,7 +233,6 @@ def evaluate_booksum(
     tok = tokenizer or default_tokenizer()
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     encoded = [encode_summary_example(b, tok, prompt) for b in books]
     prompt_len = len(_encode(prompt, tok, _byte_offset(tok)))
     bar = tqdm(total=sum(len(c) for c, _ in encoded), desc="booksum", unit="tok", unit_scale=True, disable=not progress)
@@ -247,10 +246,13 @@ def evaluate_booksum(
             bar.update(min(segment_len, text_ids.shape[1] - s))
         stream_s = time.perf_counter() - start
         start = time.perf_counter()
-        out, final = model.generate(
-            prompt_ids, _budget(max_new_tokens, target), state=state, segment_len=segment_len, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id, generator=generator, return_state=True,
-        )  # fmt: skip
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            torch.manual_seed(seed + i)  # sampling draws from torch's RNG (as in transformers); one seed per book
+            out, final = model.generate(
+                prompt_ids, state=state, segment_len=segment_len, max_new_tokens=_budget(max_new_tokens, target),
+                do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.eos_token_id, return_state=True,
+            )  # fmt: skip
         decode_s = time.perf_counter() - start
         new = out[0, prompt_ids.shape[1] :]
         if tok.eos_token_id is not None and bool((new == tok.eos_token_id).any()):

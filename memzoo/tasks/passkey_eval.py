@@ -120,7 +120,7 @@ def evaluate_passkey(
                 state = model.stream(prefix[None, done:].to(device), segment_len, state=state, progress=False).state
             streamed, done = prefix, len(prefix)
             rest = torch.stack([s.input_ids[done:] for s in samples[d]]).to(device)  # [n_keys, L - done]
-            out, final = model.generate(rest, max_new_tokens, state=state.expand_batch(n_keys), segment_len=segment_len, return_state=True)
+            out, final = model.generate(rest, state=state, max_new_tokens=max_new_tokens, segment_len=segment_len, return_state=True)
             texts = tok.batch_decode(out[:, rest.shape[1] :], skip_special_tokens=True)
             hits = [score(t, s.key) for t, s in zip(texts, samples[d])]
             seconds = time.perf_counter() - start_time

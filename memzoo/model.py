@@ -421,8 +421,8 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
         if bool((mask[:, 1:] & ~mask[:, :-1]).any()) or not bool(mask[:, 0].all()):
             raise ValueError(
                 "attention_mask has left padding or holes: every token enters a memzoo design's running state (a memory "
-                "write, a cache slot), so a masked token cannot be skipped. Right-pad (tokenizer.padding_side = 'right'), "
-                "feed rows of equal length, or generate one row at a time"
+                "write, a cache slot), so a masked token cannot be skipped. Right-pad (tokenizer.padding_side = 'right') or "
+                "feed rows of equal length; model.generate takes left-padded prompts (it strips each row's pads)"
             )
         return True
 
@@ -554,7 +554,9 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
             return_state: return ``(ids, state)``, the state after the prompt and every generated
                 token but the last (the one a next call would start from).
             **kwargs: generation arguments (``max_new_tokens``, ``do_sample``, ...) and
-                ``attention_mask`` (all ones: memzoo designs cannot skip padding, see :meth:`forward`).
+                ``attention_mask``: left padding (``tokenizer.padding_side = "left"``) is honoured by
+                generating each group of rows of one real length with its pads stripped (a design's
+                running state cannot skip a pad), so row i gives what it gives alone.
 
         Returns:
             [b, n + new] token ids, or what transformers returns for ``return_dict_in_generate=True``
@@ -569,12 +571,9 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
         if "generator" in kwargs:
             raise TypeError("generate() samples with torch's global RNG, as transformers does: call torch.manual_seed(seed) "
                             "(inside torch.random.fork_rng() to leave the caller's RNG alone) instead of passing generator=")  # fmt: skip
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.pop("attention_mask", None)
         if mask is not None and not bool(mask.bool().all()):
-            raise ValueError(
-                "generate got a padded batch: every token enters a memzoo design's running state (a memory write, a cache "
-                "slot), so padding cannot be skipped; generate one row at a time or batch prompts of equal length"
-            )
+            return self._generate_left_padded(input_ids, mask, generation_config, state, segment_len, progress, return_state, **kwargs)
         if state is not None and state.batch_size == 1 and input_ids.shape[0] > 1:
             state = state.expand_batch(input_ids.shape[0])
         self._check_inputs(input_ids, state)
@@ -595,6 +594,37 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
             return out
         final = next(getattr(out, name) for name in ("cache", "past_key_values") if getattr(out, name, None) is not None)
         return (out if want_dict else out.sequences), final
+
+    def _generate_left_padded(self, input_ids, mask, generation_config, state, segment_len, progress, return_state, **kwargs) -> Tensor:
+        """Left-padded prompts, generated per group of equal real length with the pads stripped, then
+        re-assembled: exactly what each row gives alone (a design's running state cannot skip a pad)."""
+        mask = mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+        lengths = mask.sum(1)
+        if not bool((mask == (torch.arange(mask.shape[1], device=mask.device) >= mask.shape[1] - lengths[:, None])).all()):
+            raise ValueError(
+                "generate takes left padding (tokenizer.padding_side = 'left'): each row's pads first, then its tokens; "
+                "this attention_mask has right padding or holes"
+            )
+        if return_state or kwargs.get("return_dict_in_generate") or (lengths == 0).any():
+            raise ValueError("a left-padded batch returns token ids only (no return_state / return_dict_in_generate), and "
+                             "every row needs a token: generate rows of equal length for states")  # fmt: skip
+        config = generation_config or self.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        pad = pad if pad is not None else self.config.pad_token_id
+        per_row = max(kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
+        rows: list[Tensor | None] = [None] * input_ids.shape[0]
+        for n in lengths.unique().tolist():  # rows of one real length share a batch
+            group = (lengths == n).nonzero()[:, 0]
+            group_state = None if state is None else (state if state.batch_size == 1 else state.select_rows(group))
+            prompt = input_ids[group, -n:]
+            out = self.generate(prompt, generation_config, state=group_state, segment_len=segment_len, progress=progress, **kwargs)
+            for j, i in enumerate(group.tolist()):
+                rows[i] = out[j * per_row : (j + 1) * per_row, n:]  # [per_row, new]
+        width = max(r.shape[1] for r in rows)
+        new = torch.cat([F.pad(r, (0, width - r.shape[1]), value=pad) for r in rows])  # finished rows end in pads
+        return torch.cat([input_ids.repeat_interleave(per_row, dim=0), new], dim=1)
 
     def prepare_inputs_for_generation(
         self, input_ids: Tensor, state: MemZooState | None = None, attention_mask: Tensor | None = None, memzoo_offset: int = 0, **kwargs

@@ -110,10 +110,29 @@ def test_pipeline_text_generation_and_the_saved_generation_config(tmp_path):
     assert memzoo.load(tmp_path / "ckpt").generation_config.max_new_tokens == 9
 
 
+@pytest.mark.parametrize("name", ["full", "titans-mac"])
+def test_left_padded_prompts_give_what_each_row_gives_alone(name):
+    model, tok = model_of(name), memzoo.tokenizer()
+    tok.padding_side = "left"
+    texts = ["a longer first prompt", "short", "mid-sized one", "short"]
+    batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=5, segment_len=4, do_sample=False)
+    assert out.shape == (4, batch.input_ids.shape[1] + 5)
+    for i, text in enumerate(texts):
+        alone = naive_greedy(model, tok([text], add_special_tokens=False, return_tensors="pt").input_ids, 5)
+        assert torch.equal(out[i, -alone.shape[1] :], alone[0])
+        pads = out.shape[1] - alone.shape[1]
+        assert torch.equal(out[i, :pads], batch.input_ids[i, :pads]) and not bool(batch.attention_mask[i, :pads].any())
+    sampled = model.generate(**batch, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    assert sampled.shape == (8, batch.input_ids.shape[1] + 3)
+    assert torch.equal(sampled[::2, : batch.input_ids.shape[1]], batch.input_ids)  # row-major, as transformers orders them
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda m, p: m.generate(p, 5), "by name"),
     (lambda m, p: m.generate(p, max_new_tokens=2, generator=torch.Generator()), "manual_seed"),
-    (lambda m, p: m.generate(p, max_new_tokens=2, attention_mask=torch.tensor([[0] + [1] * 9] * 2)), "padded batch"),
+    (lambda m, p: m.generate(p, max_new_tokens=2, attention_mask=torch.tensor([[1] * 9 + [0]] * 2)), "left padding"),
+    (lambda m, p: m.generate(p, max_new_tokens=2, attention_mask=torch.tensor([[0] + [1] * 9] * 2), return_state=True), "token ids only"),
 ])  # fmt: skip
 def test_clear_errors(call, match):
     with pytest.raises((TypeError, ValueError), match=match):

@@ -153,3 +153,17 @@ print(type(model).__name__)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("MemZooForCausalLM")
+
+
+def test_shipped_checkpoints_carry_auto_map_and_a_generation_config():
+    """What save_pretrained writes today (recipes/refresh_checkpoint_metadata.py adds it to older folders)."""
+    import json
+    from pathlib import Path
+
+    folders = [f for f in sorted((Path(__file__).parents[1] / "checkpoints").iterdir()) if (f / "model.safetensors").exists()]
+    assert len(folders) >= 10
+    for folder in folders:
+        config = json.loads((folder / "config.json").read_text())
+        assert set(config.get("auto_map", {})) == {"AutoConfig", "AutoModelForCausalLM"}, folder.name
+        for file in ("configuration_memzoo.py", "modeling_memzoo.py", "generation_config.json"):
+            assert (folder / file).exists(), f"{folder.name} lacks {file}"

@@ -36,7 +36,7 @@ def prompt(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def generate(model, ids, cache, **kwargs):
-    if cache.policy.needs_attention:
+    if cache.needs_attention_probs:
         with mh.attention_probs(model):
             return model.generate(ids, do_sample=False, **mh.generate_cache_kwargs(cache), **kwargs)
     return model.generate(ids, do_sample=False, **mh.generate_cache_kwargs(cache), **kwargs)
@@ -96,7 +96,7 @@ def test_l2_keeps_the_lowest_norm_keys(model, chunk):
     """
     ids = prompt(100)
     reference = DynamicCache(config=model.config)
-    with torch.no_grad():
+    with torch.no_grad(), mh.attention_probs(model):
         model(ids, past_key_values=reference)
         cache = mh.EvictingCache("l2", 32, evict_every=20, n_recent=8)
         for start in range(0, 100, chunk):
@@ -127,6 +127,15 @@ def test_attention_policies_need_the_attention_hook(model):
     cache = mh.EvictingCache("h2o", 32, evict_every=16)
     with pytest.raises(RuntimeError, match="attention_probs"):
         model.generate(prompt(40), max_new_tokens=3, past_key_values=cache)
+
+
+@pytest.mark.parametrize("policy", ["sinks", "l2"])
+def test_policies_that_keep_older_tokens_need_memzoo_masks(model, policy):
+    """Under the model's own attention the kept tokens would be masked as if they were the latest."""
+    cache = mh.EvictingCache(policy, 16, evict_every=8)
+    assert cache.needs_attention_probs and not mh.EvictingCache("window", 16, evict_every=8).needs_attention_probs
+    with torch.no_grad(), pytest.raises(RuntimeError, match="not the latest"):
+        model.generate(prompt(40), max_new_tokens=3, prefill_chunk_size=8, **mh.generate_cache_kwargs(cache))
 
 
 def test_namm_scorer_from_a_vector_or_a_checkpoint(tmp_path):

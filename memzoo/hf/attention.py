@@ -79,6 +79,7 @@ def evicting_attention(
     groups = query.shape[1] // key.shape[1]
     n, T = query.shape[2], key.shape[2]
     if layer is not None:
+        layer._unmasked = False  # this very call is masked by the kept tokens' positions
         if attention_mask is not None and _has_padding(attention_mask):
             raise ValueError(
                 "memzoo.hf.EvictingCache got a padded batch: after an eviction each row keeps other tokens, and transformers' "

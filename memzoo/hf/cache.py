@@ -31,9 +31,9 @@ scoring logic. Differences from memzoo's ``CachedAttention``:
   positions, so sliding-window layers (Mistral, Gemma2/3, GPT-OSS) see exactly their window of the
   kept tokens, and a padded batch is refused with an error (after an eviction each row would keep
   other tokens than its padding mask assumes). The model's own attention (sdpa, eager) treats the
-  kept tokens as the latest ones: right for ``window`` and for models without sliding windows, but
-  not for ``sinks``/``l2`` on sliding-window models, and it cannot see padding: use
-  ``attention_probs`` for those, and generate padded prompts one row at a time.
+  kept tokens as the latest ones, which is true of ``window`` and ``full`` only: ``sinks`` and
+  ``l2`` refuse a call outside ``attention_probs`` after their first eviction
+  (:attr:`EvictingCache.needs_attention_probs`).
 * **Models.** Every layer must be softmax attention through transformers' ``AttentionInterface``;
   :func:`memzoo.hf.check_model` (called by ``attention_probs``) refuses the others (Falcon, Bloom,
   Mamba, Jamba) with a message naming the tested model types.
@@ -87,11 +87,13 @@ class EvictingLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: EvictionPolicy, budget: int | None, evict_every: int | None):
+    def __init__(self, policy: EvictionPolicy, budget: int | None, evict_every: int | None, keeps_latest: bool = False):
         super().__init__()
         self.policy, self.budget, self.evict_every = policy, budget, evict_every
+        self.keeps_latest = keeps_latest  # what it keeps is always the latest tokens (full, window)
         self.state: KVCacheState | None = None
         self._unobserved = False  # a call whose attention the policy still needs to see
+        self._unmasked = False  # a call over kept tokens that are not the latest, not yet masked by memzoo's attention
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, k = key_states.shape
@@ -117,11 +119,18 @@ class EvictingLayer(CacheLayerMixin):
                 "call's attention never reached the cache: run the model inside `with memzoo.hf.attention_probs(model):` "
                 f"(or load it with attn_implementation={_attention_name()!r})"
             )
+        if self._unmasked:
+            raise RuntimeError(
+                f"eviction policy {type(self.policy).__name__} keeps tokens that are not the latest ones, but the model's own "
+                "attention masks the cache as if they were (sliding windows and padding would be silently wrong): run the "
+                f"model inside `with memzoo.hf.attention_probs(model):` (or load it with attn_implementation={_attention_name()!r})"
+            )
         state = append(self.state, key_states, value_states)
         T = state.length
         keys, values = state.keys[:, :, :T], state.values[:, :, :T]
         _LATEST_UPDATE.set((self, keys, state.valid[:, :, :T], state.token_pos[:, :, :T]))
         self._unobserved = self.policy.needs_attention
+        self._unmasked = not self.keeps_latest and state.position > state.length  # something was evicted before this call
         self._store(state, key_states.shape[2], evict_now=not self.policy.needs_attention)
         return keys, values
 
@@ -153,7 +162,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.keys, self.values = None, None, None
-        self.is_initialized, self._unobserved = False, False
+        self.is_initialized, self._unobserved, self._unmasked = False, False, False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting cache cannot be rolled back (evicted tokens are gone)")
@@ -177,7 +186,8 @@ class EvictingCache(Cache):
     """A transformers ``Cache`` that keeps at most ``budget`` tokens per layer and KV head, chosen by a memzoo policy.
 
     Pass it as ``cache`` to ``model.generate(...)`` (``past_key_values`` before transformers 5.24, and
-    to ``model(...)``) of any transformers causal LM. ``h2o`` and ``namm`` score tokens by the attention they receive: run the model inside
+    to ``model(...)``) of any transformers causal LM. ``h2o`` and ``namm`` score tokens by the attention they receive,
+    and ``sinks`` and ``l2`` keep tokens that only memzoo's attention masks right: run the model inside
     :func:`memzoo.hf.attention_probs` (or load it with ``attn_implementation=memzoo.hf.ATTENTION``).
 
     Args:
@@ -207,7 +217,16 @@ class EvictingCache(Cache):
             if policy != "namm":
                 raise ValueError(f"scorer= is for 'namm', not {policy!r}")
             set_namm_parameters(self.policy, load_namm_parameters(scorer) if isinstance(scorer, (str, Path)) else scorer)
-        super().__init__(layer_class_to_replicate=partial(EvictingLayer, self.policy, self.budget, self.evict_every))
+        self._keeps_latest = policy in ("full", "window")
+        layer = partial(EvictingLayer, self.policy, self.budget, self.evict_every, keeps_latest=self._keeps_latest)
+        super().__init__(layer_class_to_replicate=layer)
+
+    @property
+    def needs_attention_probs(self) -> bool:
+        """Whether the model must run inside :func:`memzoo.hf.attention_probs`: ``h2o`` and ``namm``
+        score by attention, and ``sinks`` and ``l2`` keep tokens that are not the latest, which only
+        that attention masks right (``full`` and ``window`` work with any attention)."""
+        return not self._keeps_latest
 
     def __repr__(self) -> str:
         return f"EvictingCache({self.config!r}, layers={len(self.layers)})"

@@ -327,9 +327,8 @@ def evaluate_booksum_hf(
     for i, (book, (context, target)) in enumerate(zip(books, encoded)):
         cache = cache_factory() if cache_factory is not None else None
         cache_repr = repr(cache) if cache is not None else "default"
-        policy = getattr(cache, "policy", None)
         hooks = nullcontext()
-        if getattr(policy, "needs_attention", False):
+        if getattr(cache, "needs_attention_probs", False):
             from ..hf import attention_probs  # only when asked: memzoo.hf is an opt-in integration
 
             hooks = attention_probs(model)

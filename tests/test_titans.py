@@ -169,6 +169,64 @@ def test_stop_grad_cuts_the_inner_updates():
     assert gq is not None and gq.abs().sum() > 0 and gk is None
 
 
+def _token_grad_norms(weights, k, v):
+    """Each token's inner-gradient norm (all layers together) at ``weights``, by autograd: [b, h, n]."""
+    b, h, n = k.shape[:3]
+    out = torch.zeros(b, h, n, dtype=k.dtype)
+    for t in range(n):
+        ws = tuple(w.clone().requires_grad_() for w in weights)
+        loss = (memory_read(ws, k[:, :, t : t + 1], residual_norm=True) - v[:, :, t : t + 1]).pow(2).sum()
+        grads = torch.autograd.grad(loss, ws)  # rows and heads are independent: each [b, h] slot is its own gradient
+        out[:, :, t] = sum(g.pow(2).sum((-2, -1)) for g in grads).sqrt()
+    return out
+
+
+def test_inner_grad_clip_bounds_each_write():
+    """max_grad_norm: a token's write is theta times its gradient clipped to that norm (all layers together).
+
+    One token, no momentum carried in (S_0 = 0), no forgetting: W_1 - W_0 = -theta clip(grad). Large values
+    (|v| ~ 10) give gradients well above the bound; below the bound the clip is the identity, bit for bit.
+    """
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(n=1, dtype=torch.float64)
+    momentum = tuple(torch.zeros_like(m) for m in momentum)
+    v, theta, alpha = 10 * v, torch.ones_like(theta), torch.zeros_like(alpha)
+    raw = _token_grad_norms(weights, k, v)[..., 0]  # [b, h]
+    assert float(raw.min()) > 4  # the clip below is active in every (row, head)
+    for fn in (titans_chunked, titans_naive):
+        _, w1, _ = fn(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=1, max_grad_norm=2.0)
+        step = sum((a - b).pow(2).sum((-2, -1)) for a, b in zip(w1, weights)).sqrt()
+        torch.testing.assert_close(step, torch.full_like(step, 2.0), rtol=1e-10, atol=0)
+        _, w_off, _ = fn(weights, momentum, q, k, v, eta, theta, alpha, chunk_size=1)
+        torch.testing.assert_close(sum((a - b).pow(2).sum((-2, -1)) for a, b in zip(w_off, weights)).sqrt(), raw)
+    args = memory_inputs()  # weak gates and unit values: every gradient is below 1e3
+    reads, memory, _ = titans_chunked(*args, chunk_size=16, max_grad_norm=1e3)
+    reads_off, memory_off, _ = titans_chunked(*args, chunk_size=16)
+    for got, want in zip((reads, *memory), (reads_off, *memory_off)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_inner_grad_clip_matches_naive(chunk):
+    """Clipped, the chunked form still equals the reference (fp64), reads, memory and outer gradients alike."""
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(b=1, h=2, n=13, k=4, dtype=torch.float64, lr=0.5)
+    v = 5 * v  # most tokens' gradients are above the bound
+    leaves = [t.clone().requires_grad_() for t in (*weights, q, k, v, theta)]
+    ws, (q, k, v, theta) = tuple(leaves[: len(weights)]), leaves[len(weights) :]
+    results, grads = [], []
+    for fn in (titans_naive, titans_chunked):
+        out = fn(ws, momentum, q, k, v, eta, theta, alpha, chunk_size=chunk, max_grad_norm=1.0)
+        results.append(out)
+        loss = out[0].pow(2).sum() + sum(x.pow(2).sum() for x in out[1])
+        grads.append(torch.autograd.grad(loss, leaves))
+    unclipped = titans_chunked(ws, momentum, q, k, v, eta, theta, alpha, chunk_size=chunk)
+    assert float((unclipped[0] - results[1][0]).abs().max()) > 1e-2  # the clip is active: it changed the reads
+    steps = -(-13 // chunk)
+    assert_memory_close(results[1], results[0], n=widest(2, 4), depth=steps * 2 * 2 * 2)
+    for fast, naive in zip(*grads):
+        assert fast.abs().sum() > 0
+        assert_close(fast, naive, n=widest(2, 4), depth=2 * steps * 2 * 2, scale="max")
+
+
 # ------------------------------------------------------------------------------ placements: references
 D, H, N = 16, 2, 21
 SMALL = dict(chunk_size=4, lr_init=0.05, max_lr=0.1, momentum_init=0.8, forget_init=0.01)

@@ -133,6 +133,12 @@ class TitansConfig(MemoryConfig):
             (and so alpha, theta, eta) back to 0.5, the opposite of learning to keep a fact.
         output_gate: ``titans-lmm`` only: ``out = W_O(RMSNorm(M(x)) * sigmoid(W_g x))``, the output
             norm and gate of the paper's section 4.4. False = ``W_O(M(x))``.
+        max_grad_norm: clip each token's inner gradient (all memory layers together) to this
+            Frobenius norm before it enters the surprise (titans-pytorch has the same knob); 0 = off.
+            The gates bound theta by ``max_lr`` but not the gradient itself: with large values or a
+            learned norm gain above 1 one chunk's writes can outgrow M_0 many times over, and the
+            outer gradient through them explodes (a warm-started ``titans-mag`` stopped on an
+            infinite gradient norm). Below the bound it is the identity.
     """
 
     chunk_size: int = field(default=16, metadata=bounds(ge=1))
@@ -148,6 +154,7 @@ class TitansConfig(MemoryConfig):
     gate_lr_mult: float = field(default=10.0, metadata=bounds(ge=0))
     gate_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     output_gate: bool = True
+    max_grad_norm: float = field(default=0.0, metadata=bounds(ge=0))
 
     def __post_init__(self):
         super().__post_init__()
@@ -502,6 +509,7 @@ class NeuralMemory(nn.Module):
             residual_norm=self.residual_norm,
             stop_grad=self.config.stop_inner_grad,
             gain=self.norm_gain,
+            max_grad_norm=self.config.max_grad_norm,
         )
         total = k.shape[2]
         left = total % c

@@ -70,6 +70,7 @@ __all__ = [
     "mlp_shapes",
     "memory_read",
     "memory_grads",
+    "clip_token_grads",
     "titans_naive",
     "titans_chunked",
 ]
@@ -126,6 +127,21 @@ def memory_read(weights: Weights, x: Tensor, *, residual_norm: bool, gain: Tenso
         z = a @ w.transpose(-1, -2)
         a = F.silu(z) if l < len(weights) - 1 else z
     return x + _gained(F.layer_norm(z, z.shape[-1:], eps=LN_EPS), gain) if residual_norm else z
+
+
+def clip_token_grads(dz: list[Tensor], a: list[Tensor], max_norm: float | None) -> list[Tensor]:
+    """Clip each token's inner gradient to Frobenius norm ``max_norm`` (over all memory layers together).
+
+    Token t's gradient is ``{dz_l[t] a_l[t]^T}_l``; its norm is ``sqrt(sum_l |dz_l[t]|^2 |a_l[t]|^2)``
+    (an outer product's Frobenius norm is the product of its factors' norms), so the clip rescales
+    ``dz`` and never forms the gradient. Below ``max_norm`` it is the identity. None or 0 = off.
+    """
+    if not max_norm:
+        return dz
+    sq = sum(d.square().sum(-1) * x.square().sum(-1) for d, x in zip(dz, a))  # [..., c] squared norms
+    # clamp before the sqrt: a zero gradient (a padded token) would give sqrt's backward 0 * inf = NaN
+    scale = (max_norm * sq.clamp_min(max_norm**2).rsqrt()).unsqueeze(-1)  # 1 below max_norm
+    return [d * scale for d in dz]
 
 
 def _gained(normed: Tensor, gain: Tensor | None) -> Tensor:
@@ -188,6 +204,7 @@ def titans_naive(
     chunk_size: int = 1,
     residual_norm: bool = True,
     gain: Tensor | None = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, Weights, Weights]:
     """The reference: the memory updated token by token, gradients by ``torch.func``.
 
@@ -199,6 +216,7 @@ def titans_naive(
         chunk_size: gradients are taken at the weights of the chunk's start (1 = online).
         residual_norm: as in :func:`memory_read`.
         gain: ``[h, v]`` the norm's gain (None = 1).
+        max_grad_norm: clip each token's gradient (all layers together) to this norm; None/0 = off.
 
     Returns:
         reads ``[b, h, n, v]``, and the weights and momentum after the last complete chunk.
@@ -225,6 +243,9 @@ def titans_naive(
             if t % chunk_size == 0:
                 anchor = tuple(W)  # the memory before the chunk's first token
             g = grad_fn(anchor, k[:, t], v[:, t], gains)
+            if max_grad_norm:  # clip the token's gradient (all layers together) to max_grad_norm
+                sq = torch.stack([gl.square().sum((-2, -1)) for gl in g]).sum(0)  # [bh]
+                g = [gl * (max_grad_norm * sq.clamp_min(max_grad_norm**2).rsqrt())[:, None, None] for gl in g]
             e, th, keep = eta[:, t, None, None], theta[:, t, None, None], 1 - alpha[:, t, None, None]
             S = [e * s - th * gl for s, gl in zip(S, g)]
             W = [keep * w + s for w, s in zip(W, S)]
@@ -289,6 +310,7 @@ def titans_chunked(
     residual_norm: bool = True,
     stop_grad: bool = False,
     gain: Tensor | None = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, Weights, Weights]:
     """The fast form: gradients at each chunk's start, momentum and decay solved per chunk.
 
@@ -307,6 +329,7 @@ def titans_chunked(
             the updated weights are detached; the reads still depend on q and on the weights
             given).
         gain: ``[h, v]`` the norm's gain (None = 1).
+        max_grad_norm: clip each token's gradient to this norm (:func:`clip_token_grads`); None/0 = off.
 
     Returns:
         reads ``[b, h, n, v]`` (fp32), and the weights and momentum after the last complete
@@ -340,6 +363,7 @@ def titans_chunked(
         for j in range(g):  # sequential over chunks: the gradients of chunk j need the weights at its start
             dz, a = memory_grads([w.detach() for w in W] if stop_grad else W, kc[j], vc[j], residual_norm=residual_norm,
                                  gain=gain.detach() if stop_grad and gain is not None else gain)  # fmt: skip
+            dz = clip_token_grads(dz, a, max_grad_norm)
             # every token reads with its own weights (dual form): W_t r = A_t W_0 r + B_t S_0 r + sum_i G_ti (a_i . r) dz_i
             Aj, Bj = A[j][..., None], B[j][..., None]  # [b, h, c, 1]
             r = qc[j]

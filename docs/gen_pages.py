@@ -88,6 +88,15 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+def writes_into(command: str, folder: Path) -> str:
+    """A results file's ``command`` as it reproduces that file today: memzoo's commands write under
+    ``runs/`` unless given ``--out``, so a command recorded before that default changed gets the
+    ``--out`` of the folder that holds its results."""
+    if not command.startswith("memzoo ") or " --out " in f" {command} ":
+        return command
+    return f"{command} --out {rel(folder)}"
+
+
 def md_escape(text: str) -> str:
     """Make text safe inside a markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|")
@@ -507,7 +516,7 @@ def passkey_section() -> str:
     if not valid:
         parts.append(
             f"{NOT_MEASURED} No passkey results under `docs/results/passkey/` yet. They appear here when "
-            "`memzoo passkey eval --checkpoint DIR` (default `--out docs/results/passkey`) has written them; "
+            "`memzoo passkey eval --checkpoint DIR --out docs/results/passkey` has written them; "
             "see [Reproduce every number](guides/reproduce.md)."
         )
         parts += [f"- {p}" for p in problems]
@@ -584,7 +593,7 @@ def passkey_section() -> str:
             f"--depths {' '.join(f'{d:g}' for d in r.get('depths', []))} --n-keys {r.get('n_keys')} --seed {r.get('seed', 0)} "
             f"--out {rel(path.parent)}"
         )
-        cmds.append(f"# {label}\n" + "\n".join(r.get("commands") or [r.get("command") or cmd]))
+        cmds.append(f"# {label}\n" + "\n".join(writes_into(c, path.parent) for c in r.get("commands") or [r.get("command") or cmd]))
     parts.append(
         "### Reproduce these runs\n\nThe commands below are written from the JSON files themselves (the grid they hold); "
         "`--segment-len` changes speed only, never the outputs.\n\n```bash\n" + "\n".join(cmds) + "\n```"
@@ -686,7 +695,7 @@ def booksum_section() -> str:
             ]
         )
         if d.get("command"):
-            cmds.append(f"# {label}\n{d['command']}")
+            cmds.append(f"# {label}\n{writes_into(d['command'], path.parent)}")
     parts = ["## Book summarization (BookSum)"]
     if rows:
         parts.append(
@@ -717,7 +726,7 @@ def performance_section() -> str:
     gflops = {k: v["flops_per_s"] / 1e9 for k, v in peak.items() if isinstance(v, dict) and "flops_per_s" in v}
     parts = [
         "## Performance",
-        f"`{d.get('command') or 'memzoo bench'}` on {md_escape(str(m.get('cpu', '?')))}, "
+        f"`{writes_into(d.get('command') or 'memzoo bench', path.parent)}` on {md_escape(str(m.get('cpu', '?')))}, "
         f"{m.get('threads', '?')} torch thread(s), 1-minute load {m.get('loadavg_1min', '?')} on {m.get('cores', '?')} cores "
         "at the start (a shared machine: compare rows of one run only). Measured matmul peak: "
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in gflops.items())

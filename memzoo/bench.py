@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .units import parse_length
+
 __all__ = [
     "peak_rss_mib",
     "current_rss_mib",
@@ -151,15 +153,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def parse_length(x: str | int) -> int:
-    """'4K' -> 4096, '1M' -> 1048576, '300' -> 300 (binary units, as the passkey grids use)."""
-    if isinstance(x, int):
-        return x
-    x = str(x).strip().upper()
-    mult = {"K": 1024, "M": 1024**2}.get(x[-1:], 1)
-    return int(float(x[:-1] if mult > 1 else x) * mult)
 
 
 def _build(design: str, model_kwargs: dict, seed: int = 0):

@@ -9,7 +9,10 @@
     memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
     memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
     memzoo namm evolve --config recipes/configs/evolve/namm.yaml   # CMA-ES for the NAMM scorer, then ship it
-    memzoo bench                      # tokens/s, peak RSS, state bytes, FLOP fraction per design -> docs/results/bench/
+    memzoo bench                      # tokens/s, peak RSS, state bytes, FLOP fraction per design -> runs/bench/
+
+Every command writes under ``runs/`` unless given ``--out``: the repository's own results
+(``docs/results/``) change only when the reproduce guide's commands name them.
 
 Each sub-command is a small function below; long jobs live in ``recipes/`` and in the
 ``memzoo.tasks`` / ``memzoo.training`` packages, which the sub-commands call.
@@ -28,6 +31,67 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+#: errors a user's input causes (bad path, name, value): printed as one line, the traceback with --debug
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+# ----------------------------------------------------------------------------- argument types
+# argparse calls these while parsing, so a bad value is refused before anything is imported or loaded.
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _depth(text: str) -> float:
+    try:
+        d = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= d <= 1.0:
+        raise argparse.ArgumentTypeError(f"a depth is a fraction of the prompt in [0, 1] (0: start, 1: right before the question), got {d}")
+    return d
+
+
+def _length(text: str) -> str:
+    from memzoo.units import parse_length
+
+    try:
+        parse_length(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _checkpoint(text: str) -> str:
+    folder = Path(text)
+    if not (folder / "config.json").is_file():
+        shipped = sorted(str(p) for p in Path("checkpoints").glob("*") if (p / "config.json").is_file())
+        hint = f"; shipped ones: {', '.join(shipped)}" if shipped else " (run from the repository root to use the shipped ones)"
+        what = "no such folder" if not folder.exists() else "no config.json in it"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memzoo checkpoint ({what}){hint}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _check_designs(names: list[str]) -> None:
+    """Unknown registry names: one line with the did-you-mean, before any model is built."""
+    from memzoo.registry import memory_config
+
+    for name in names:
+        memory_config(name)
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import memzoo
@@ -41,6 +105,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Stream random tokens through each design; print state bytes and tokens/s as JSON lines."""
+    _check_designs(args.designs)
     import torch
 
     import memzoo
@@ -68,7 +133,7 @@ DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def _lengths(args: argparse.Namespace) -> list[int]:
-    from memzoo.tasks.passkey_eval import parse_length
+    from memzoo.units import parse_length
 
     lengths = [parse_length(x) for x in args.lengths]
     if args.max_length:
@@ -218,6 +283,7 @@ def _print_table(all_results: list[dict]) -> None:
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
+    _check_designs([args.memory])
     import memzoo
 
     overrides = {}
@@ -361,7 +427,7 @@ def _booksum_books(args: argparse.Namespace) -> tuple[list, dict]:
         books = load_booksum(args.split, level=args.level, path=args.path, limit=args.limit)
         return books, {"source": "booksum", "path": args.path, "split": args.split, "level": args.level, "limit": args.limit}
     from memzoo.tasks.booksum_eval import synthetic_books
-    from memzoo.tasks.passkey_eval import parse_length
+    from memzoo.units import parse_length
 
     lengths, seeds = [parse_length(x) for x in args.lengths], list(range(args.seed, args.seed + args.n_books))
     books = [b for n in lengths for b in synthetic_books(n, seeds, n_events=args.n_events)]
@@ -476,9 +542,11 @@ def _cmd_namm_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_namm_compare(args: argparse.Namespace) -> int:
+    from memzoo.io import write_text_atomic
     from memzoo.tasks.passkey_eval import save_results
     from memzoo.training.evolution import compare_policies, load_evolve_config
 
+    _check_designs(args.designs)
     config = load_evolve_config(args.config)
     results = compare_policies(config, args.checkpoint, args.designs, n_prompts=args.n_prompts, tasks=args.tasks)
     results["command"] = _command_line(args)
@@ -491,38 +559,38 @@ def _cmd_namm_compare(args: argparse.Namespace) -> int:
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
-    path.with_suffix(".md").write_text(f"Generated by `{results['command']}` from `{path.name}`.\n\n{table}\n")
+    write_text_atomic(path.with_suffix(".md"), f"Generated by `{results['command']}` from `{path.name}`.\n\n{table}\n")
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
 
 def _add_booksum_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=["synthetic", "booksum"], default="synthetic", help="held-out synthetic books, or BookSum")
-    p.add_argument("--lengths", nargs="+", default=["64K"], help="synthetic book lengths in tokens, e.g. 4096 64K (default 64K)")
-    p.add_argument("--n-books", type=int, default=3, help="synthetic books per length (seeds SEED .. SEED+N-1)")
-    p.add_argument("--n-events", type=int, default=4, help="key events per synthetic book (as in the shipped recipes)")
+    p.add_argument("--lengths", nargs="+", type=_length, default=["64K"], help="synthetic book lengths, e.g. 4096 64K (default 64K)")
+    p.add_argument("--n-books", type=_positive_int, default=3, help="synthetic books per length (seeds SEED .. SEED+N-1)")
+    p.add_argument("--n-events", type=_positive_int, default=4, help="key events per synthetic book (as in the shipped recipes)")
     p.add_argument("--path", default=None, help="BookSum: local files in the BookSum schema (default: the Hub)")
     p.add_argument("--split", default="test", help="BookSum split")
     p.add_argument("--level", choices=["chapter", "book"], default="chapter", help="BookSum level")
-    p.add_argument("--limit", type=int, default=None, help="BookSum: first N examples")
+    p.add_argument("--limit", type=_positive_int, default=None, help="BookSum: first N examples")
     p.add_argument("--seed", type=int, default=0, help="first synthetic book seed (held out: training seeds are >= 2**32); sampling seed")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="decoding budget (default: each reference's length in tokens)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="decoding budget (default: each reference's length)")
     p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.5, help="with --sample (the Infini-attention paper's 0.5)")
     p.add_argument("--top-p", type=float, default=0.95, help="with --sample (the paper's 0.95)")
-    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--segment-len", type=_positive_int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--name", default=None, help="the results' name (default: the design; JSON at OUT/NAME.json)")
-    p.add_argument("--out", default="docs/results/booksum", help="folder for results JSON")
+    p.add_argument("--out", default="runs/booksum", help="folder for results JSON (the docs' own: docs/results/booksum)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: list[float], n_keys: int, out: str) -> None:
-    p.add_argument("--lengths", nargs="+", default=lengths, help=f"prompt lengths, e.g. 4096 16K 1M (default {' '.join(lengths)})")
-    p.add_argument("--max-length", default=None, help="drop lengths above this (e.g. 1M)")
-    p.add_argument("--depths", nargs="+", type=float, default=depths, help="needle depths in [0, 1]")
-    p.add_argument("--n-keys", type=int, default=n_keys, help="keys per cell")
+    p.add_argument("--lengths", nargs="+", type=_length, default=lengths, help=f"prompt lengths, e.g. 4K 1M (default {' '.join(lengths)})")
+    p.add_argument("--max-length", type=_length, default=None, help="drop lengths above this (e.g. 1M)")
+    p.add_argument("--depths", nargs="+", type=_depth, default=depths, help="needle depths in [0, 1]")
+    p.add_argument("--n-keys", type=_positive_int, default=n_keys, help="keys per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--segment-len", type=_positive_int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--out", default=out, help="folder for results JSON and figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -536,9 +604,9 @@ def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: li
 def _add_run_commands(group, task: str) -> None:
     """The task-independent sub-commands of a task group: train, derive, ship, card."""
     p = group.add_parser("train", help="train a model from a recipe config (resumes from OUT/last)")
-    p.add_argument("--config", required=True, help=f"recipe YAML, e.g. recipes/configs/{task}/infini.yaml")
+    p.add_argument("--config", required=True, type=_existing_file, help=f"recipe YAML, e.g. recipes/configs/{task}/infini.yaml")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
-    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--steps", type=_positive_int, default=None, help="override train.steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
     p.add_argument("--allow-changed", action="store_true",
@@ -546,7 +614,7 @@ def _add_run_commands(group, task: str) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = group.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
-    p.add_argument("--from", dest="source", required=True, help="checkpoint folder")
+    p.add_argument("--from", dest="source", required=True, type=_checkpoint, help="checkpoint folder")
     p.add_argument("--memory", required=True, help="registry name of the new design")
     p.add_argument("--set", nargs="*", help="design options as KEY=VALUE, e.g. budget=512 evict_every=256")
     p.add_argument("--out", required=True)
@@ -556,7 +624,7 @@ def _add_run_commands(group, task: str) -> None:
 
     p = group.add_parser("ship", help="copy a finished training run into a checkpoint folder with its training record")
     p.add_argument("--run", required=True, help=f"run folder of `memzoo {task} train`")
-    p.add_argument("--config", required=True, help="the recipe YAML it was trained with")
+    p.add_argument("--config", required=True, type=_existing_file, help="the recipe YAML it was trained with")
     p.add_argument("--out", required=True, help=f"e.g. checkpoints/{task}-infini")
     p.add_argument("--bf16", action="store_true", help="store weights in bf16 (half the size)")
     p.set_defaults(func=_cmd_ship)
@@ -574,12 +642,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     """Speed and memory of every design (+ the public peers): JSON and figures under OUT, a table on stdout."""
     from memzoo.bench import format_table, load_config, parse_length, run_bench, summarize
 
+    _check_designs(args.designs or [])
     cfg = load_config(args.config, quick=args.quick)
     if args.threads:
         cfg["threads"] = args.threads
     if args.lengths:  # only these stream lengths (no estimate from a shorter one: each given length is measured)
         cfg["stream"] = cfg["stream"] | {"lengths": args.lengths, "short_max": max(args.lengths, key=parse_length)}
-    out = args.out or ("runs/bench-quick" if args.quick else "docs/results/bench")
+    out = args.out or ("runs/bench-quick" if args.quick else "runs/bench")
     data = run_bench(cfg, out, designs=args.designs, sections=args.sections, fresh=args.fresh, peers_python=args.peers_python,
                      command=_command_line(args))  # fmt: skip
     print(format_table(data))
@@ -589,7 +658,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="memzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Add --debug anywhere to see the traceback of an error.")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list the memory designs and their defaults")
@@ -597,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="stream a long random input through designs; print state bytes and tokens/s")
     p.add_argument("--designs", nargs="+", default=["window", "sinks"], help="registry names (default: window sinks)")
-    p.add_argument("--tokens", type=int, default=100_000)
-    p.add_argument("--segment-len", type=int, default=2048)
+    p.add_argument("--tokens", type=_positive_int, default=100_000)
+    p.add_argument("--segment-len", type=_positive_int, default=2048)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)
@@ -609,24 +679,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(passkey, "passkey")
 
     p = passkey.add_parser("eval", help="accuracy grid of one checkpoint (JSON + heatmap)")
-    p.add_argument("--checkpoint", required=True)
-    _add_eval_options(p, DEFAULT_LENGTHS, DEFAULT_DEPTHS, 5, "docs/results/passkey")
+    p.add_argument("--checkpoint", required=True, type=_checkpoint)
+    _add_eval_options(p, DEFAULT_LENGTHS, DEFAULT_DEPTHS, 5, "runs/passkey-eval")
     p.set_defaults(func=_cmd_passkey_eval)
 
     p = passkey.add_parser("probe", help="teacher-forced answer cross-entropy by length and depth: does the key reach the question?")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--lengths", nargs="+", default=["512", "1K", "4K"], help="row lengths, answer included (default 512 1K 4K)")
-    p.add_argument("--max-length", default=None, help="drop lengths above this")
-    p.add_argument("--depths", nargs="+", type=float, default=DEFAULT_DEPTHS, help="needle depths in [0, 1]")
-    p.add_argument("--rows", type=int, default=8, help="prompts (keys) per cell")
+    p.add_argument("--checkpoint", required=True, type=_checkpoint)
+    p.add_argument("--lengths", nargs="+", type=_length, default=["512", "1K", "4K"], help="row lengths, answer included")
+    p.add_argument("--max-length", type=_length, default=None, help="drop lengths above this")
+    p.add_argument("--depths", nargs="+", type=_depth, default=DEFAULT_DEPTHS, help="needle depths in [0, 1]")
+    p.add_argument("--rows", type=_positive_int, default=8, help="prompts (keys) per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--segment-len", type=int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--segment-len", type=_positive_int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_passkey_probe)
 
     p = passkey.add_parser("compare", help="evaluate several checkpoints side by side (default: checkpoints/passkey-*)")
-    p.add_argument("--checkpoints", nargs="+", default=None)
+    p.add_argument("--checkpoints", nargs="+", type=_checkpoint, default=None)
     p.add_argument("--full-grid", action="store_true", help="lengths 1K..1M x 5 depths x 5 keys (hours on a CPU)")
     _add_eval_options(p, ["1K", "4K"], [0.0, 0.5, 1.0], 2, "runs/passkey-compare")
     p.set_defaults(func=_cmd_passkey_compare)
@@ -636,37 +706,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(booksum, "booksum")
 
     p = booksum.add_parser("eval", help="ROUGE of one memzoo checkpoint, or of a transformers LM with an eviction cache")
-    p.add_argument("--checkpoint", default=None, help="a memzoo checkpoint folder")
+    p.add_argument("--checkpoint", type=_checkpoint, default=None, help="a memzoo checkpoint folder")
     p.add_argument("--hf", default=None, help="a transformers causal LM (folder or hub id) instead, with --cache")
     p.add_argument("--cache", default="full", help="--hf: memzoo.hf.EvictingCache policy (full, window, sinks, h2o, l2, namm)")
-    p.add_argument("--budget", type=int, default=1024, help="--hf: tokens kept by the cache")
-    p.add_argument("--evict-every", type=int, default=512, help="--hf: eviction period (also the prefill chunk)")
+    p.add_argument("--budget", type=_positive_int, default=1024, help="--hf: tokens kept by the cache")
+    p.add_argument("--evict-every", type=_positive_int, default=512, help="--hf: eviction period (also the prefill chunk)")
     _add_booksum_options(p)
     p.set_defaults(func=_cmd_booksum_eval)
 
     p = booksum.add_parser("compare", help="ROUGE of several checkpoints on the same books (default: checkpoints/booksum-*)")
-    p.add_argument("--checkpoints", nargs="+", default=None)
+    p.add_argument("--checkpoints", nargs="+", type=_checkpoint, default=None)
     _add_booksum_options(p)
     p.set_defaults(func=_cmd_booksum_compare)
 
     p = sub.add_parser("bench", help="tokens/s, peak RSS, state bytes, FLOP fraction of every design; memzoo vs the public peers")
-    p.add_argument("--config", default="recipes/configs/bench/default.yaml", help="bench YAML")
+    p.add_argument("--config", default="recipes/configs/bench/default.yaml", type=_existing_file, help="bench YAML")
     p.add_argument("--quick", action="store_true", help="the config's tiny `quick` section (smoke test, < 2 minutes)")
     p.add_argument("--designs", nargs="+", default=None, help="only these designs (default: the config's)")
     p.add_argument("--sections", nargs="+", default=None, choices=["peak", "forward", "train", "stream", "bf16", "peers"])
-    p.add_argument("--out", default=None, help="results folder (default docs/results/bench, or runs/bench-quick with --quick)")
+    p.add_argument("--out", default=None, help="results folder (default runs/bench, or runs/bench-quick with --quick)")
     p.add_argument("--fresh", action="store_true", help="measure the asked designs/sections again (replacing their rows; the others stay)")
     p.add_argument("--peers-python", default=None, help="interpreter of the peers' venv (default: the config's, .venv-peers)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per measurement (default: the config's)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per measurement (default: the config's)")
     p.add_argument("--lengths", nargs="+", default=None, help="stream only these lengths, e.g. 1M (default: the config's)")
     p.set_defaults(func=_cmd_bench)
 
     namm = sub.add_parser("namm", help="evolve a NAMM scorer (CMA-ES), ship it, compare it with other eviction policies")
     namm = namm.add_subparsers(dest="action", required=True)
     p = namm.add_parser("evolve", help="CMA-ES over the NAMM scorer of a trained backbone (resumes; torchrun splits the population)")
-    p.add_argument("--config", required=True, help="e.g. recipes/configs/evolve/namm.yaml")
+    p.add_argument("--config", required=True, type=_existing_file, help="e.g. recipes/configs/evolve/namm.yaml")
     p.add_argument("--out", default=None, help="run folder (default: the config's out)")
-    p.add_argument("--generations", type=int, default=None, help="override evolution.generations (total, resumed ones included)")
+    p.add_argument("--generations", type=_positive_int, default=None, help="override evolution.generations (total, resumed ones included)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
     p.add_argument("--allow-changed", action="store_true",
@@ -677,25 +747,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_namm_evolve)
 
     p = namm.add_parser("export", help="ship a run's best scorer so far (the config's scorer_out and checkpoint_out)")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, type=_existing_file)
     p.add_argument("--run", default=None, help="run folder (default: the config's out)")
     p.set_defaults(func=_cmd_namm_export)
 
     p = namm.add_parser("compare", help="answer score of the evolved NAMM vs other policies at equal cache size (held-out prompts)")
-    p.add_argument("--config", required=True, help="the evolution config (budget, rhythm, prompt length)")
-    p.add_argument("--checkpoint", default="checkpoints/passkey-namm", help="the namm checkpoint (backbone + evolved scorer)")
+    p.add_argument("--config", required=True, type=_existing_file, help="the evolution config (budget, rhythm, prompt length)")
+    p.add_argument("--checkpoint", type=_checkpoint, default="checkpoints/passkey-namm", help="namm checkpoint (backbone + scorer)")
     p.add_argument("--designs", nargs="+", default=["namm", "h2o", "l2", "window"])
     p.add_argument("--tasks", nargs="+", default=["passkey", "book"])
-    p.add_argument("--n-prompts", type=int, default=16, help="held-out prompts per task")
-    p.add_argument("--out", default="docs/results/namm")
+    p.add_argument("--n-prompts", type=_positive_int, default=16, help="held-out prompts per task")
+    p.add_argument("--out", default="runs/namm-compare", help="results folder (the docs' own: docs/results/namm)")
     p.set_defaults(func=_cmd_namm_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``memzoo`` command. A user error (bad path, name or value) is printed as one line with
+    what to do, exit status 2; ``--debug`` anywhere on the line shows the traceback instead."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args.func(args)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"memzoo {' '.join(argv[:2])}: error: {e}\n(add --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

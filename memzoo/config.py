@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .validation import check_value
 
@@ -110,3 +110,6 @@ class MemZooConfig(PretrainedConfig):
     @property
     def num_attention_heads(self) -> int:
         return self.n_heads
+
+
+AutoConfig.register("memzoo", MemZooConfig, exist_ok=True)  # AutoConfig.from_pretrained(memzoo checkpoint)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "atomic_directory", "recover_directory"]
+__all__ = ["load", "atomic_directory", "recover_directory", "write_text_atomic", "atomic_file"]
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -56,6 +56,30 @@ def recover_directory(target: str | Path) -> bool:
     for orphan in target.parent.glob(f".{target.name}.tmp.*"):
         shutil.rmtree(orphan, ignore_errors=True)
     return restored
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Write one file atomically: yields a temporary path beside ``target`` (same suffix, so writers
+    that pick a format from it still work), renamed over ``target`` when the block ends without an
+    exception. An interrupted write leaves the previous file whole; the temporary file is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: str | Path, text: str) -> Path:
+    """``Path(target).write_text(text)``, atomically (see :func:`atomic_file`)."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .config import MemZooConfig
@@ -252,7 +252,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
             **kwargs: passed to ``transformers.PreTrainedModel.save_pretrained``.
         """
         from .io import atomic_directory
-        from .tokenizer import tokenizer as default_tokenizer
+        from .tokenization import tokenizer as default_tokenizer
 
         if dtype is not None:
             kwargs["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
@@ -683,3 +683,6 @@ def _write_auto_map(folder: Path) -> None:
         (folder / file).write_text(f'{doc}\n\n{line}\n\n__all__ = ["{name}"]\n')
         config["auto_map"][auto_class] = f"{file.removesuffix('.py')}.{name}"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+AutoModelForCausalLM.register(MemZooConfig, MemZooForCausalLM, exist_ok=True)  # AutoModelForCausalLM.from_pretrained(memzoo checkpoint)

@@ -10,26 +10,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .io import atomic_file  # noqa: E402
+from .units import format_length  # noqa: E402  (re-exported: figures and tables label lengths alike)
+
 __all__ = ["passkey_heatmap", "passkey_comparison", "format_length", "save_figure"]
 
 
-def format_length(n: int) -> str:
-    """4096 -> '4K', 1048576 -> '1M' (binary units, as the passkey grids use)."""
-    if n >= 1024**2 and n % 1024**2 == 0:
-        return f"{n // 1024**2}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
-
-
 def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (creating folders) and close a figure."""
+    """Lay out, write (creating folders, atomically) and close a figure."""
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        with atomic_file(path) as tmp:  # an interrupted run leaves the previous figure whole
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _grid(results: dict) -> tuple[list[int], list[float], list[list[float]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,12 @@ from .interface import MemoryConfig
 __all__ = ["register", "available", "memory_config", "build", "swap_memory"]
 
 _BUILDERS: dict[str, Callable[[], MemoryConfig]] = {}
+
+
+def _builders() -> dict[str, Callable[[], MemoryConfig]]:
+    """Every registered builder; the first call imports ``memzoo.memories``, whose modules register the designs."""
+    importlib.import_module("memzoo.memories")
+    return _BUILDERS
 
 
 def register(name: str):
@@ -40,13 +47,14 @@ def register(name: str):
 
 def available() -> list[str]:
     """Registry names of every memory design, sorted."""
-    return sorted(_BUILDERS)
+    return sorted(_builders())
 
 
 def _check_name(name: str) -> None:
-    if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, _BUILDERS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+    if name not in _builders():
+        by_lower = {n.lower(): n for n in _BUILDERS}  # case-insensitive: "Titans-MAC" -> 'titans-mac'
+        close = difflib.get_close_matches(str(name).lower(), by_lower, n=1)
+        hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
         raise ValueError(f"unknown memory {name!r}; {hint}available: {', '.join(available())}")
 
 

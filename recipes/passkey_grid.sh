@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The passkey grid behind docs/results/passkey: every length x 5 depths for each shipped checkpoint
-# named on the command line (default: all), appended to docs/results/passkey/<design>.json.
+# named on the command line (default: all), appended to $OUT/<design>.json (default runs/passkey-grid;
+# the docs' grid is refreshed with OUT=docs/results/passkey).
 # Keys per cell shrink with length so the grid fits a CPU session: 3 keys up to 64K, 2 at 256K,
 # 1 at 1M (the cost of a cell grows with length x keys). `full` keeps
 # every token, so it runs to 16K only. A rerun skips what is finished (`memzoo passkey eval`
 # resumes), so it can be stopped and started again.
-#   OMP_NUM_THREADS=1 bash recipes/passkey_grid.sh infini titans-mac
+#   OMP_NUM_THREADS=1 OUT=docs/results/passkey bash recipes/passkey_grid.sh infini titans-mac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 designs=("$@")
 if [ ${#designs[@]} -eq 0 ]; then
   designs=(full window sinks h2o l2 namm infini infini-linear titans-mac titans-mag titans-mal titans-lmm)
 fi
-out=${OUT:-docs/results/passkey}
+out=${OUT:-runs/passkey-grid}
 for design in "${designs[@]}"; do
   eval_cmd=(memzoo passkey eval --checkpoint "checkpoints/passkey-$design" --out "$out" --quiet)
   if [ "$design" = full ]; then

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics import rouge
-from ..tokenizer import tokenizer as default_tokenizer
+from ..tokenization import tokenizer as default_tokenizer
 from .booksum import BookExample, make_synthetic_book
 from .passkey import _as_generator, _byte_offset, _encode
 

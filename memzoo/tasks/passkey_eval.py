@@ -26,26 +26,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..io import write_text_atomic
 from ..model import IGNORE_INDEX, shift_labels
-from ..tokenizer import tokenizer as default_tokenizer
+from ..tokenization import tokenizer as default_tokenizer
+from ..units import parse_length
 from .passkey import make_sample, make_training_batch, random_key, score
 
 __all__ = ["CHANCE_CE", "describe_keys", "evaluate_passkey", "parse_length", "probe_passkey", "save_results"]
 
 #: answer cross-entropy of a model that knows nothing of the key: ln 10 nats per digit
 CHANCE_CE = math.log(10)
-
-
-def parse_length(text: str | int) -> int:
-    """'16K' -> 16384, '1M' -> 1048576, '4096' -> 4096 (K and M are binary: 1K = 1024 tokens)."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
-    scale = {"K": 1024, "M": 1024**2}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if scale > 1 else t) * scale)
-    except ValueError:
-        raise ValueError(f"cannot read a length from {text!r}; write e.g. 4096, 16K or 1M") from None
 
 
 def _peak_rss_mb() -> float:
@@ -265,9 +255,4 @@ def describe_keys(cells: Sequence[dict]) -> dict:
 
 def save_results(results: dict, path: str | Path) -> Path:
     """Write results JSON atomically (write to a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(results, indent=1))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tokenizer import tokenizer as default_tokenizer
+from ..tokenization import tokenizer as default_tokenizer
 from .booksum import make_synthetic_book
 from .passkey import _byte_offset, _encode, make_sample, random_key
 

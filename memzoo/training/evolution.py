@@ -709,10 +709,9 @@ def export_namm(config: dict, run: str | Path | None = None) -> tuple[Path, Path
 
 
 def _fitness_figure(records: list[dict], path: Path, relative: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ..plots import save_figure  # (selects the file-only Agg backend)
 
     g = [r["generation"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -731,10 +730,7 @@ def _fitness_figure(records: list[dict], path: Path, relative: bool = True) -> N
         ax.axhline(1.0, color="black", lw=0.5)
     ax.set_ylabel("fitness (score / full-cache score)" if relative else "fitness (answer score, exp(-mean CE))")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def fitness_table(records: list[dict]) -> str:

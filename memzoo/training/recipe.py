@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..registry import build
-from ..tokenizer import tokenizer as default_tokenizer
+from ..tokenization import tokenizer as default_tokenizer
 from .trainer import BatchFn, TrainConfig, Trainer
 from .warm_start import warm_start
 

@@ -1,0 +1,156 @@
+"""The ``memzoo`` command as a newcomer meets it: where results go, light imports, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import memzoo
+from memzoo.cli import build_parser, main
+from memzoo.io import atomic_file, write_text_atomic
+from memzoo.units import format_length, parse_length
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """(command words, parser) for every leaf sub-command."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix, parser
+        return
+    for name, sub in subs[0].choices.items():
+        yield from _commands(sub, (*prefix, name))
+
+
+def _out_default(parser: argparse.ArgumentParser):
+    return next((a.default for a in parser._actions if "--out" in a.option_strings), None)
+
+
+def test_no_command_writes_into_the_repositorys_results_by_default():
+    commands = dict(_commands(build_parser()))
+    assert len(commands) >= 15  # the walk reached the leaves
+    defaults = {" ".join(words): _out_default(p) for words, p in commands.items()}
+    into_docs = {c: d for c, d in defaults.items() if d and Path(d).parts[:1] == ("docs",)}
+    assert not into_docs, f"these commands write into docs/ unless told otherwise: {into_docs}"
+    assert defaults["passkey eval"] == "runs/passkey-eval" and defaults["booksum compare"] == "runs/booksum"
+
+
+def test_bench_without_out_writes_under_runs(monkeypatch, tmp_path):
+    import memzoo.bench
+
+    seen = {}
+
+    def run_bench(cfg, out, **kwargs):  # record where it would write; measure nothing
+        seen["out"] = out
+        return {}
+
+    monkeypatch.setattr(memzoo.bench, "run_bench", run_bench)
+    monkeypatch.setattr(memzoo.bench, "format_table", lambda data: "")
+    monkeypatch.setattr(memzoo.bench, "summarize", lambda data: {})
+    main(["bench", "--config", str(REPO / "recipes/configs/bench/default.yaml")])
+    assert seen["out"] == "runs/bench"
+
+
+def test_import_memzoo_and_building_the_parser_load_neither_torch_nor_transformers():
+    code = "import sys, memzoo, memzoo.cli; memzoo.cli.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("order", ["memzoo first", "transformers first"])
+def test_checkpoints_open_with_auto_classes_after_import_memzoo(tmp_path, order):
+    """The lazy package still registers memzoo with transformers, whichever is imported first."""
+    memzoo.build("window", d_model=32, n_layers=1, n_heads=2, budget=16).save_pretrained(tmp_path / "ckpt")
+    imports = "import memzoo\nimport transformers" if order == "memzoo first" else "import transformers\nimport memzoo"
+    load = f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    code = f"{imports}\n{load}\nprint(type(m).__name__, m.config.memory)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["MemZooForCausalLM", "window"]
+
+
+def test_public_names_resolve_and_unknown_ones_raise():
+    assert set(memzoo.__all__) <= set(dir(memzoo))
+    assert callable(memzoo.tokenizer) and memzoo.build is memzoo.registry.build
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        memzoo.nothing  # noqa: B018
+
+
+def test_design_names_suggest_whatever_their_case():
+    with pytest.raises(ValueError, match="did you mean 'titans-mac'"):
+        memzoo.build("Titans-MAC")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["passkey", "probe", "--checkpoint", "checkpoints/passkey-namm", "--depths", "1.5"], "in \\[0, 1\\]"),
+        (["passkey", "probe", "--checkpoint", "checkpoints/passkey-namm", "--rows", "0"], "at least 1, got 0"),
+        (["passkey", "eval", "--checkpoint", "checkpoints/passkey-namm", "--lengths", "4Q"], "16K or 1M"),
+        (["passkey", "eval", "--checkpoint", "no/such/folder"], "not a memzoo checkpoint \\(no such folder\\)"),
+        (["passkey", "train", "--config", "no-such.yaml"], "no such file"),
+    ],
+    ids=["depth", "rows", "length", "checkpoint", "config"],
+)
+def test_bad_arguments_are_refused_while_parsing(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_a_user_error_is_one_line_and_debug_shows_the_traceback(capsys):
+    assert main(["demo", "--designs", "Titans-MAC", "--tokens", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("memzoo demo --designs: error: unknown memory 'Titans-MAC'; did you mean 'titans-mac'?")
+    assert err[1] == "(add --debug for the traceback)" and len(err) == 2
+    with pytest.raises(ValueError, match="did you mean 'titans-mac'"):
+        main(["demo", "--designs", "Titans-MAC", "--tokens", "8", "--debug"])
+
+
+def test_lengths_round_trip_and_refuse_nonsense():
+    for n in (1, 300, 4096, 16384, 1024**2, 3 * 1024**2):
+        assert parse_length(format_length(n)) == n
+    assert parse_length(" 1.5k ") == 1536
+    for bad in ("lots", "0", "-4K"):
+        with pytest.raises(ValueError):
+            parse_length(bad)
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
+    target = tmp_path / "results" / "full.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["full.json"]  # no temporary file left
+
+
+def test_an_interrupted_figure_leaves_the_previous_figure_whole(tmp_path, monkeypatch):
+    from memzoo.plots import plt, save_figure
+
+    path = tmp_path / "heatmap.png"
+    save_figure(plt.subplots()[0], path)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+    fig = plt.subplots()[0]
+
+    def savefig(path, **kwargs):  # a write that dies half way
+        Path(path).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", savefig)
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.png"]

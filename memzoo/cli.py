@@ -269,17 +269,41 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     return results
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _print_table(all_results: list[dict]) -> None:
-    from memzoo.plots import format_length
+    """The accuracy grid, then what it takes to read it: memory (depths < 1) apart from local context
+    (depth 1), state bytes and speed per design."""
+    from memzoo.units import format_length
+
+    def fmt(v: float | None, width: int = 6) -> str:
+        return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
+
+    def label(r: dict) -> str:  # two checkpoints of one design (namm, namm-paper) stay apart
+        return results_stem(r["checkpoint"], r["design"]) if r.get("checkpoint") else r["design"]
 
     lengths = sorted({c["length"] for r in all_results for c in r["cells"]})
-    print(f"{'design':14s} " + " ".join(f"{format_length(n):>6s}" for n in lengths) + "   (accuracy, mean over depths)")
-    for r in sorted(all_results, key=lambda r: r["design"]):
-        row = []
-        for n in lengths:
-            accs = [c["accuracy"] for c in r["cells"] if c["length"] == n]
-            row.append(f"{sum(accs) / len(accs):6.2f}" if accs else f"{'-':>6s}")
-        print(f"{r['design']:14s} " + " ".join(row))
+    columns = " ".join(f"{format_length(n):>6s}" for n in lengths)
+    results = sorted(all_results, key=label)
+    print(f"{'design':14s} {columns}   (accuracy, mean over depths)")
+    for r in results:
+        print(f"{label(r):14s} " + " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n])) for n in lengths))
+    print(
+        "\nHow to read it: at depth 1 the needle sits right before the question, inside every design's local window, so a\n"
+        "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory:\n"
+    )
+    print(f"{'':14s} {'accuracy at depths < 1 (memory)':^{len(columns)}s}   {'depth 1':>7s}   {'state':>9s}   {'tokens/s':>8s}")
+    print(f"{'design':14s} {columns}   {'(local)':>7s}   {'(MiB)':>9s}")
+    for r in results:
+        far = " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1])) for n in lengths)
+        near = _mean([c["accuracy"] for c in r["cells"] if c["depth"] == 1])
+        longest = [c for c in r["cells"] if c["length"] == max(c["length"] for c in r["cells"])]
+        state = max((c.get("state_bytes", 0) for c in longest), default=0)
+        speed = _mean([c["tokens_per_s"] for c in longest if "tokens_per_s" in c])
+        print(f"{label(r):14s} {far}   {fmt(near, 7)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
+    print("(state and tokens/s at each design's longest length, batch 1; a memory-off control is not measured by this command)")
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:

@@ -154,3 +154,19 @@ def test_an_interrupted_figure_leaves_the_previous_figure_whole(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         save_figure(fig, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.png"]
+
+
+def test_the_main_table_separates_memory_from_local_context(capsys):
+    from memzoo.cli import _print_table
+
+    def cells(far: float, near: float) -> list[dict]:
+        return [{"length": n, "depth": d, "accuracy": near if d == 1 else far, "state_bytes": 2**20, "tokens_per_s": 1000}
+                for n in (1024, 4096) for d in (0.0, 0.5, 1.0)]  # fmt: skip
+
+    _print_table([{"design": "window", "cells": cells(0.0, 1.0)}, {"design": "namm", "cells": cells(0.75, 1.0)}])
+    out = capsys.readouterr().out
+    grid, memory = out.split("How to read it")
+    assert "window           0.33   0.33" in grid  # the mean over depths hides that only depth 1 is answered
+    assert "window           0.00   0.00      1.00         1.0      1,000" in memory
+    assert "namm             0.75   0.75      1.00" in memory
+    assert "local context, not memory" in memory

@@ -269,6 +269,14 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     return results
 
 
+def _eta(start: float, done: int, total: int) -> str:
+    """', 3 min so far, about 5 min left' for a job of ``total`` like items, ``done`` of them finished."""
+    if done == 0:
+        return ""
+    elapsed = time.perf_counter() - start
+    return f" ({elapsed / 60:.1f} min so far, about {elapsed / done * (total - done) / 60:.1f} min left)"
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -430,9 +438,9 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
     if args.full_grid:
         args.lengths, args.depths, args.n_keys = DEFAULT_LENGTHS, DEFAULT_DEPTHS, max(args.n_keys, 5)
-    all_results = []
-    for path in paths:
-        print(f"== {path}", flush=True)
+    all_results, start = [], time.perf_counter()
+    for i, path in enumerate(paths):
+        print(f"== [{i + 1}/{len(paths)}] {path}{_eta(start, i, len(paths))}", flush=True)
         all_results.append(_evaluate_checkpoint(path, args))
     figure = passkey_comparison(all_results, Path(args.out) / "comparison.png")
     _print_table(all_results)
@@ -531,9 +539,9 @@ def _cmd_booksum_compare(args: argparse.Namespace) -> int:
     if not paths:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
     books, data = _booksum_books(args)  # the same books for every checkpoint
-    all_results = []
-    for path in paths:
-        print(f"== {path}", flush=True)
+    all_results, start = [], time.perf_counter()
+    for i, path in enumerate(paths):
+        print(f"== [{i + 1}/{len(paths)}] {path}{_eta(start, i, len(paths))}", flush=True)
         all_results.append(_evaluate_booksum_model(books, data, args, checkpoint=path))
     _print_rouge_table(all_results)
     return 0

@@ -170,3 +170,11 @@ def test_the_main_table_separates_memory_from_local_context(capsys):
     assert "window           0.00   0.00      1.00         1.0      1,000" in memory
     assert "namm             0.75   0.75      1.00" in memory
     assert "local context, not memory" in memory
+
+
+def test_a_whole_jobs_eta_comes_from_the_items_done(monkeypatch):
+    import memzoo.cli
+
+    monkeypatch.setattr(memzoo.cli.time, "perf_counter", lambda: 180.0)  # 3 minutes after start = 0
+    assert memzoo.cli._eta(0.0, 0, 4) == ""  # nothing done: no estimate yet
+    assert memzoo.cli._eta(0.0, 1, 4) == " (3.0 min so far, about 9.0 min left)"

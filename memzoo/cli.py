@@ -302,8 +302,8 @@ def _print_table(all_results: list[dict]) -> None:
         "\nHow to read it: at depth 1 the needle sits right before the question, inside every design's local window, so a\n"
         "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory:\n"
     )
-    print(f"{'':14s} {'accuracy at depths < 1 (memory)':^{len(columns)}s}   {'depth 1':>7s}   {'state':>9s}   {'tokens/s':>8s}")
-    print(f"{'design':14s} {columns}   {'(local)':>7s}   {'(MiB)':>9s}")
+    print("accuracy at depths < 1 (memory) by length | at depth 1 (local context) | state MiB and tokens/s")
+    print(f"{'design':14s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}")
     for r in results:
         far = " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1])) for n in lengths)
         near = _mean([c["accuracy"] for c in r["cells"] if c["depth"] == 1])

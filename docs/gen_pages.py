@@ -794,9 +794,65 @@ def other_results_section() -> str:
     )
 
 
+def family(design: str) -> str:
+    if design == "full":
+        return "none (keeps every token)"
+    page = DESIGNS.get(design, "")
+    return "compressive" if "infini" in page else "neural memory" if "titans" in page else "eviction" if page else "?"
+
+
+def training_budget(checkpoint: str | None) -> str:
+    """A checkpoint's training as its ``training.json`` records it: steps and CPU minutes (warm start counted), or its source."""
+    record = ROOT / str(checkpoint) / "training.json" if checkpoint else None
+    if record is None or not record.is_file():
+        return "—"
+    info = json.loads(record.read_text())
+    if "derived_from" in info:
+        return f"`{info['derived_from']}`'s weights"
+    minutes = (info.get("train_seconds", 0) + info.get("warm_start", {}).get("source_train_seconds", 0)) / 60
+    warm = f" (warm from `{info['warm_start']['source']}`)" if "warm_start" in info else ""
+    return f"{info.get('steps', '?')} steps, {minutes:.0f} min{warm}"
+
+
+def summary_section() -> str:
+    """The page's first screen: per shipped passkey checkpoint, memory (depths < 1) apart from local context (depth 1)."""
+    files, _ = load_json_files(RESULTS / "passkey")
+    valid = [(p, r) for p, r in files if isinstance(r.get("cells"), list) and r["cells"] and "design" in r]
+    if not valid:
+        return ""
+    from memzoo.plots import format_length
+
+    lengths = [n for n in (4096, 16384, 1024**2) if any(c["length"] == n for _, r in valid for c in r["cells"])]
+    rows = []
+    for path, r in sorted(valid, key=lambda t: t[0].stem):
+        cells = r["cells"]
+        far = [_mean([c["accuracy"] for c in cells if c["length"] == n and c["depth"] < 1]) for n in lengths]
+        longest = max(c["length"] for c in cells)
+        at_longest = [c for c in cells if c["length"] == longest]
+        rows.append([
+            f"`{path.stem}`", family(r["design"]),
+            *[f"{v:.2f}" if v is not None else "—" for v in far],
+            f"{_mean([c['accuracy'] for c in cells if c['depth'] == 1]):.2f}" if any(c["depth"] == 1 for c in cells) else "—",
+            f"{fmt_bytes(max(c.get('state_bytes', 0) for c in at_longest))} at {format_length(longest)}",
+            fmt_int(_mean([c.get("tokens_per_s") for c in at_longest])),
+            training_budget(r.get("checkpoint")),
+        ])  # fmt: skip
+    header = ["checkpoint", "family", *[f"{format_length(n)}, depths < 1" for n in lengths], "depth 1 (local)",
+              "state", "tokens/s", "training"]  # fmt: skip
+    return (
+        "## Summary: passkey retrieval\n\n"
+        "Accuracy with the needle far back in the prompt (depths < 1: only a memory can answer), and with the needle right "
+        "before the question (depth 1: inside every design's local window, so **a hit there is local context, not "
+        "memory**). A memory-off control is not measured yet. State and tokens/s at the longest length each checkpoint "
+        "was evaluated at (batch 1). Training: optimiser steps and CPU minutes, a warm start's source counted; the budgets "
+        "are not equal yet. Details, heatmaps and commands below.\n\n" + table(header, rows)
+    )
+
+
 def comparison_snippet(measured: dict) -> None:
     parts = [
         GENERATED_BY.format(what="`docs/results/**/*.json` and measured `state.nbytes()`"),
+        summary_section(),
         passkey_section(),
         passkey_probe_section(),
         booksum_section(),

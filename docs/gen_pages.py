@@ -775,7 +775,7 @@ def namm_feature_probe_snippet() -> str:
 
 
 def other_results_section() -> str:
-    known = {RESULTS / "passkey", RESULTS / "passkey-probe", RESULTS / "booksum"}
+    known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum"}
     drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json"}  # performance_section(), the NAMM page
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
@@ -823,15 +823,27 @@ def summary_section() -> str:
     from memzoo.plots import format_length
 
     lengths = [n for n in (4096, 16384, 1024**2) if any(c["length"] == n for _, r in valid for c in r["cells"])]
+    control_files, _ = load_json_files(RESULTS / "passkey-control")
+    controls = {p.stem.removesuffix("-memory-off"): r for p, r in control_files if r.get("memory_off") and isinstance(r.get("cells"), list)}
+
+    def far_accuracy(cells: list, n: int) -> float | None:
+        return _mean([c["accuracy"] for c in cells if c["length"] == n and c["depth"] < 1])
+
+    def with_control(v: float | None, stem: str, n: int) -> str:
+        if v is None:
+            return "—"
+        off = far_accuracy(controls[stem]["cells"], n) if stem in controls else None
+        return f"{v:.2f}" + (f" / {off:.2f}" if off is not None else "")
+
     rows = []
     for path, r in sorted(valid, key=lambda t: t[0].stem):
         cells = r["cells"]
-        far = [_mean([c["accuracy"] for c in cells if c["length"] == n and c["depth"] < 1]) for n in lengths]
+        far = [with_control(far_accuracy(cells, n), path.stem, n) for n in lengths]
         longest = max(c["length"] for c in cells)
         at_longest = [c for c in cells if c["length"] == longest]
         rows.append([
             f"`{path.stem}`", family(r["design"]),
-            *[f"{v:.2f}" if v is not None else "—" for v in far],
+            *far,
             f"{_mean([c['accuracy'] for c in cells if c['depth'] == 1]):.2f}" if any(c["depth"] == 1 for c in cells) else "—",
             f"{fmt_bytes(max(c.get('state_bytes', 0) for c in at_longest))} at {format_length(longest)}",
             fmt_int(_mean([c.get("tokens_per_s") for c in at_longest])),
@@ -843,8 +855,11 @@ def summary_section() -> str:
         "## Summary: passkey retrieval\n\n"
         "Accuracy with the needle far back in the prompt (depths < 1: only a memory can answer), and with the needle right "
         "before the question (depth 1: inside every design's local window, so **a hit there is local context, not "
-        "memory**). A memory-off control is not measured yet. State and tokens/s at the longest length each checkpoint "
-        "was evaluated at (batch 1). Training: optimiser steps and CPU minutes, a warm start's source counted; the budgets "
+        "memory**). Where a second number follows (`memory / off`), it is the same checkpoint with its memory switched off "
+        "(`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its most recent "
+        "`budget` tokens; `full` has none): a hit counts as memory only where it beats that control. State and "
+        "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: optimiser steps and CPU "
+        "minutes, a warm start's source counted; the budgets "
         "are not equal yet. Details, heatmaps and commands below.\n\n" + table(header, rows)
     )
 

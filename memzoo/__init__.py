@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and the API docs
     from .config import MemZooConfig
-    from .interface import MemoryConfig, MemoryModule, MemoryState
+    from .interface import MemoryConfig, MemoryModule, MemoryState, memory_off
     from .io import load
     from .model import MemZooForCausalLM, MemZooState, shift_labels
     from .registry import available, build, memory_config, register, swap_memory
@@ -42,6 +42,7 @@ _HOME = {
     "MemoryConfig": "interface",
     "MemoryModule": "interface",
     "MemoryState": "interface",
+    "memory_off": "interface",
     "MemZooConfig": "config",
     "MemZooForCausalLM": "model",
     "MemZooState": "model",
@@ -59,6 +60,7 @@ __all__ = [
     "MemoryConfig",
     "MemoryModule",
     "MemoryState",
+    "memory_off",
     "MemZooConfig",
     "MemZooForCausalLM",
     "MemZooState",

@@ -192,7 +192,9 @@ def _weights_sha256(path: str | Path) -> str:
     return hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
 
 
-def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace, lengths: list[int]) -> tuple[list[dict], list[str]]:
+def _reusable_cells(
+    out_json: Path, weights: str, args: argparse.Namespace, lengths: list[int], *, memory_off: bool = False
+) -> tuple[list[dict], list[str]]:
     """What an earlier run of the same weights and seed left in ``out_json``: its cells and commands.
 
     Kept: every cell of a length this call does not evaluate, and the cells of a length it does
@@ -204,6 +206,8 @@ def _reusable_cells(out_json: Path, weights: str, args: argparse.Namespace, leng
     earlier = json.loads(out_json.read_text())
     if earlier.get("weights_sha256") != weights or earlier.get("seed") != args.seed:
         return [], []
+    if earlier.get("memory_off", False) != memory_off:
+        return [], []  # a control's cells never stand in for the memory's, nor the other way round
     cells = [c for c in earlier.get("cells", []) if "prompt_tokens" in c]  # older files counted the prompt alone
 
     def finished(n: int) -> bool:
@@ -225,7 +229,12 @@ def results_stem(checkpoint: str | Path, design: str) -> str:
     return folder.removeprefix("passkey-") if folder.startswith(f"passkey-{design}-") else design
 
 
-def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
+def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: bool = False) -> dict | None:
+    """Evaluate one checkpoint on the passkey grid (or its memory-off control); results JSON + heatmap.
+
+    Returns None for the control of a design with no memory to switch off (``full``)."""
+    import contextlib
+
     import torch
 
     import memzoo
@@ -235,32 +244,40 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = memzoo.load(path)
     name = model.config.memory
-    out_json = Path(args.out) / f"{results_stem(path, name)}.json"
+    control = {}
+    if memory_off:
+        means = {m.memory_off_means for m in model.modules() if isinstance(m, memzoo.MemoryModule)}
+        if None in means:
+            print(f"{name}: no memory-off control (it keeps every token it was given)")
+            return None
+        control = {"memory_off": True, "memory_off_means": means.pop()}
+    out_json = Path(args.out) / f"{results_stem(path, name)}{'-memory-off' if memory_off else ''}.json"
     weights = _weights_sha256(path)
     lengths = _lengths(args)
-    kept, commands = _reusable_cells(out_json, weights, args, lengths) if args.resume else ([], [])
+    kept, commands = _reusable_cells(out_json, weights, args, lengths, memory_off=memory_off) if args.resume else ([], [])
     todo = [n for n in lengths if n not in {c["length"] for c in kept}]
     if kept:
         print(f"{name}: keeping {len(kept)} cells of {out_json} (same weights and seed), evaluating lengths {todo}")
     if todo or not commands:  # a rerun that finds everything done measured nothing: not a command behind the results
         commands.append(_command_line(args))
-    header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "seed": args.seed, "commands": commands}
+    header = {"design": name, "checkpoint": str(path), "weights_sha256": weights, "seed": args.seed, "commands": commands} | control
     partial: dict = {"cells": list(kept)}
 
     def save_partial(cell: dict) -> None:  # a long grid keeps what it has if interrupted
         partial["cells"].append(cell)
         save_results(partial | header | describe_keys(partial["cells"]) | {"complete": False}, out_json)
 
-    results = evaluate_passkey(
-        model,
-        lengths=todo,
-        depths=args.depths,
-        n_keys=args.n_keys,
-        seed=args.seed,
-        segment_len=args.segment_len,
-        progress=not args.quiet,
-        on_cell=save_partial,
-    )
+    with memzoo.memory_off(model) if memory_off else contextlib.nullcontext():
+        results = evaluate_passkey(
+            model,
+            lengths=todo,
+            depths=args.depths,
+            n_keys=args.n_keys,
+            seed=args.seed,
+            segment_len=args.segment_len,
+            progress=not args.quiet,
+            on_cell=save_partial,
+        )
     cells = sorted(kept + results["cells"], key=lambda c: (c["length"], c["depth"]))
     results |= header | describe_keys(cells) | {"lengths": sorted({c["length"] for c in cells}), "cells": cells}
     results |= {"depths": sorted({c["depth"] for c in cells}), "complete": True, "parameters": sum(p.numel() for p in model.parameters())}
@@ -283,35 +300,54 @@ def _mean(values: list[float]) -> float | None:
 
 def _print_table(all_results: list[dict]) -> None:
     """The accuracy grid, then what it takes to read it: memory (depths < 1) apart from local context
-    (depth 1), state bytes and speed per design."""
+    (depth 1), state bytes and speed per design, each design's memory-off control on the line below it."""
     from memzoo.units import format_length
 
     def fmt(v: float | None, width: int = 6) -> str:
         return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
 
-    def label(r: dict) -> str:  # two checkpoints of one design (namm, namm-paper) stay apart
+    def design(r: dict) -> str:  # two checkpoints of one design (namm, namm-paper) stay apart
         return results_stem(r["checkpoint"], r["design"]) if r.get("checkpoint") else r["design"]
+
+    shown = {design(r) for r in all_results if not r.get("memory_off")}
+    controls = {design(r): r for r in all_results if r.get("memory_off") and design(r) in shown}
+    # a control without its design's result (``passkey eval --memory-off``) is a row of its own
+    results = sorted((r for r in all_results if not r.get("memory_off") or design(r) not in shown), key=design)
+
+    def label(r: dict) -> str:
+        return design(r) + (" (off)" if r.get("memory_off") else "")
 
     lengths = sorted({c["length"] for r in all_results for c in r["cells"]})
     columns = " ".join(f"{format_length(n):>6s}" for n in lengths)
-    results = sorted(all_results, key=label)
     print(f"{'design':14s} {columns}   (accuracy, mean over depths)")
     for r in results:
         print(f"{label(r):14s} " + " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n])) for n in lengths))
     print(
         "\nHow to read it: at depth 1 the needle sits right before the question, inside every design's local window, so a\n"
-        "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory:\n"
+        "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory, and only\n"
+        "where they beat the memory-off control (the line below a design: its memory switched off, local context kept):\n"
     )
     print("accuracy at depths < 1 (memory) by length | at depth 1 (local context) | state MiB and tokens/s")
     print(f"{'design':14s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}")
-    for r in results:
+
+    def accuracy_row(r: dict) -> str:
         far = " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1])) for n in lengths)
-        near = _mean([c["accuracy"] for c in r["cells"] if c["depth"] == 1])
+        return f"{far}   {fmt(_mean([c['accuracy'] for c in r['cells'] if c['depth'] == 1]), 7)}"
+
+    for r in results:
         longest = [c for c in r["cells"] if c["length"] == max(c["length"] for c in r["cells"])]
         state = max((c.get("state_bytes", 0) for c in longest), default=0)
         speed = _mean([c["tokens_per_s"] for c in longest if "tokens_per_s" in c])
-        print(f"{label(r):14s} {far}   {fmt(near, 7)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
-    print("(state and tokens/s at each design's longest length, batch 1; a memory-off control is not measured by this command)")
+        print(f"{label(r):14s} {accuracy_row(r)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
+        if r.get("memory_off"):
+            continue
+        if design(r) in controls:
+            print(f"{'  memory off':14s} {accuracy_row(controls[design(r)])}")
+        elif controls:  # some controls were measured: say why this one has none
+            print(f"{'  memory off':14s} (none: {'it keeps every token' if r['design'] == 'full' else 'not measured'})")
+    measured = any(r.get("memory_off") for r in all_results)
+    note = "" if measured else "; no memory-off control measured (memzoo passkey compare measures it unless --no-control)"
+    print(f"(state and tokens/s at each design's longest length, batch 1{note})")
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
@@ -398,22 +434,30 @@ def _cmd_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_passkey_eval(args: argparse.Namespace) -> int:
-    results = _evaluate_checkpoint(args.checkpoint, args)
+    results = _evaluate_checkpoint(args.checkpoint, args, memory_off=args.memory_off)
+    if results is None:
+        raise ValueError(f"{args.checkpoint} keeps every token: it has no memory-off control (drop --memory-off)")
     _print_table([results])
-    print(f"wrote {Path(args.out) / (results['design'] + '.json')} and .png")
+    stem = results_stem(args.checkpoint, results["design"]) + ("-memory-off" if args.memory_off else "")
+    print(f"wrote {Path(args.out) / stem}.json and .png")
     return 0
 
 
 def _cmd_passkey_probe(args: argparse.Namespace) -> int:
+    import contextlib
+
     import memzoo
     from memzoo.plots import format_length
     from memzoo.tasks.passkey_eval import probe_passkey, save_results
 
     model = memzoo.load(args.checkpoint)
-    results = probe_passkey(model, lengths=_lengths(args), depths=args.depths, n_rows=args.rows, seed=args.seed,
-                            segment_len=args.segment_len, progress=not args.quiet)  # fmt: skip
+    with memzoo.memory_off(model) if args.memory_off else contextlib.nullcontext():
+        results = probe_passkey(model, lengths=_lengths(args), depths=args.depths, n_rows=args.rows, seed=args.seed,
+                                segment_len=args.segment_len, progress=not args.quiet)  # fmt: skip
+    results["memory_off"] = args.memory_off
     chance = results["chance_ce"]
-    print(f"{results['design']}: answer cross-entropy (nats, chance {chance:.2f}) / exact, teacher-forced, {args.rows} rows per cell")
+    title = f"{results['design']}{' (memory off)' if args.memory_off else ''}"
+    print(f"{title}: answer cross-entropy (nats, chance {chance:.2f}) / exact, teacher-forced, {args.rows} rows per cell")
 
     def grid(text) -> None:  # one line per length, one column per depth
         for n in sorted({c["length"] for c in results["cells"]}):
@@ -439,10 +483,12 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
     if args.full_grid:
         args.lengths, args.depths, args.n_keys = DEFAULT_LENGTHS, DEFAULT_DEPTHS, max(args.n_keys, 5)
     all_results, start = [], time.perf_counter()
-    for i, path in enumerate(paths):
-        print(f"== [{i + 1}/{len(paths)}] {path}{_eta(start, i, len(paths))}", flush=True)
-        all_results.append(_evaluate_checkpoint(path, args))
-    figure = passkey_comparison(all_results, Path(args.out) / "comparison.png")
+    jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
+    for i, (path, off) in enumerate(jobs):
+        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
+        all_results.append(_evaluate_checkpoint(path, args, memory_off=off))
+    all_results = [r for r in all_results if r is not None]
+    figure = passkey_comparison([r for r in all_results if not r.get("memory_off")] or all_results, Path(args.out) / "comparison.png")
     _print_table(all_results)
     print(f"wrote {len(all_results)} results JSON, heatmaps and {figure} under {args.out}")
     return 0
@@ -626,6 +672,11 @@ def _add_eval_options(p: argparse.ArgumentParser, lengths: list[str], depths: li
     p.add_argument("--out", default=out, help="folder for results JSON and figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--memory-off",
+        action="store_true",
+        help="evaluate the memory-off control instead (each design keeps only its local context; results <design>-memory-off.json)",
+    )
+    p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -641,8 +692,11 @@ def _add_run_commands(group, task: str) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="override train.steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="resume OUT/last although the config changed since it was saved (each change is named and recorded)")
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="resume OUT/last although the config changed since it was saved (each change is named and recorded)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = group.add_parser("derive", help="save a checkpoint's weights with another KV design (e.g. full -> h2o)")
@@ -725,12 +779,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-len", type=_positive_int, default=2048, help="tokens per forward call while streaming")
     p.add_argument("--out", default=None, help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--memory-off", action="store_true", help="probe the memory-off control (each design keeps only its local context)")
     p.set_defaults(func=_cmd_passkey_probe)
 
     p = passkey.add_parser("compare", help="evaluate several checkpoints side by side (default: checkpoints/passkey-*)")
     p.add_argument("--checkpoints", nargs="+", type=_checkpoint, default=None)
     p.add_argument("--full-grid", action="store_true", help="lengths 1K..1M x 5 depths x 5 keys (hours on a CPU)")
     _add_eval_options(p, ["1K", "4K"], [0.0, 0.5, 1.0], 2, "runs/passkey-compare")
+    p.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate each checkpoint with its memory off, printed on the line below it (--no-control: skip)",
+    )
     p.set_defaults(func=_cmd_passkey_compare)
 
     booksum = sub.add_parser("booksum", help="book summarization: train, evaluate (ROUGE), compare")
@@ -771,10 +832,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=_positive_int, default=None, help="override evolution.generations (total, resumed ones included)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (state saved) after this wall time")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/state exists")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="resume OUT/state although the config changed since it was saved (each change is named and recorded)")
-    p.add_argument("--no-export", action="store_true",
-                   help="leave the config's scorer_out / checkpoint_out alone (an exploratory run; `memzoo namm export` ships it later)")
+    p.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="resume OUT/state although the config changed since it was saved (each change is named and recorded)",
+    )
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="leave the config's scorer_out / checkpoint_out alone (an exploratory run; `memzoo namm export` ships it later)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_namm_evolve)
 

@@ -32,7 +32,9 @@ Rules every design keeps (the conformance suite in ``tests/test_interface.py`` c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from .validation import check_fields
 
-__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors", "iter_tensors"]
+__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors", "iter_tensors", "memory_off"]
 
 
 def map_tensors(value: Any, fn) -> Any:
@@ -48,9 +50,7 @@ def map_tensors(value: Any, fn) -> Any:
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, MemoryState):
-        return dataclasses.replace(
-            value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)}
-        )
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
     if isinstance(value, (list, tuple)):
         return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
@@ -156,7 +156,20 @@ class MemoryModule(nn.Module):
     Subclasses implement :meth:`init_state` and :meth:`forward`. They may define
     ``reset_memory_parameters()`` to give their own parameters a special initialisation (e.g. a
     gate bias); the backbone calls it after its generic init of Linear/Embedding/RMSNorm.
+
+    The memory-off control: a design whose memory can be switched off says what that means in
+    :attr:`memory_off_means` and honours :attr:`memory_off` in ``forward`` (set by
+    :func:`memory_off`); after switching off, nothing may reach a token from beyond the design's
+    local context (its window, segment or recent cache), so hits that remain are local context.
     """
+
+    #: True inside :func:`memory_off` (checked by ``forward``; submodules may carry it too).
+    memory_off: bool = False
+
+    @property
+    def memory_off_means(self) -> str | None:
+        """What :func:`memory_off` does to this design, in a sentence; None: it cannot be switched off."""
+        return None
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> MemoryState:
         """The state before the first token of a stream.
@@ -201,3 +214,40 @@ class MemoryModule(nn.Module):
             return torch.device(device)
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def memory_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with every memory switched off: the control a memory's result is read beside.
+
+    Inside the block each design keeps only its local context (:attr:`MemoryModule.memory_off_means`
+    says what that is for the design): the Infini and Titans memories are never written, an
+    eviction cache keeps its most recent ``budget`` tokens. Start new streams inside the block (a
+    state carried in from outside still holds what was written before). A needle found with the
+    memory on but not off was found by the memory::
+
+        with memzoo.memory_off(model):
+            control = evaluate_passkey(model, lengths=[16384], depths=[0.5], n_keys=5)
+
+    Raises:
+        ValueError: if a design of the model has no memory to switch off (``full`` keeps every
+            token: its control is ``window`` at the budget compared).
+    """
+    mixers = [m for m in model.modules() if isinstance(m, MemoryModule)]
+    if not mixers:
+        raise ValueError(f"{type(model).__name__} has no memzoo memory modules: nothing to switch off")
+    if any(m.memory_off_means is None for m in mixers):
+        design = getattr(getattr(model, "config", None), "memory", type(model).__name__)
+        raise ValueError(
+            f"{design!r} has no memory to switch off (it keeps every token it was given): "
+            "compare it with the window design at the budget of the designs it is compared with"
+        )
+    switched = [m for m in model.modules() if hasattr(m, "memory_off")]
+    before = [m.memory_off for m in switched]
+    for m in switched:
+        m.memory_off = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(switched, before):
+            m.memory_off = was

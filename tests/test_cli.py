@@ -170,6 +170,25 @@ def test_the_main_table_separates_memory_from_local_context(capsys):
     assert "window           0.00   0.00      1.00         1.0      1,000" in memory
     assert "namm             0.75   0.75      1.00" in memory
     assert "local context, not memory" in memory
+    assert "memory off" not in memory.split("accuracy at depths")[1].split("(state")[0]  # no control measured: no line
+    assert "no memory-off control measured" in memory
+
+
+def test_the_main_table_puts_each_designs_memory_off_control_below_it(capsys):
+    from memzoo.cli import _print_table
+
+    def result(design: str, far: float, near: float, **extra) -> dict:
+        cells = [{"length": n, "depth": d, "accuracy": near if d == 1 else far, "state_bytes": 2**20, "tokens_per_s": 1000}
+                 for n in (1024, 4096) for d in (0.0, 0.5, 1.0)]  # fmt: skip
+        return {"design": design, "cells": cells, **extra}
+
+    _print_table([result("namm", 1.0, 1.0), result("full", 0.5, 1.0), result("namm", 0.0, 1.0, memory_off=True)])
+    memory = capsys.readouterr().out.split("How to read it")[1]
+    lines = memory.splitlines()
+    namm = next(i for i, line in enumerate(lines) if line.startswith("namm "))
+    assert lines[namm + 1] == "  memory off     0.00   0.00      1.00"  # the control, right below the design
+    assert "  memory off   (none: it keeps every token)" in memory  # full has none, and says why
+    assert sum(line.startswith("namm") for line in lines) == 1  # the control is no row of its own
 
 
 def test_a_whole_jobs_eta_comes_from_the_items_done(monkeypatch):

@@ -260,3 +260,67 @@ def test_pre_shifted_labels_are_caught():
     masked[:, :4] = -100  # a prompt masked out, as a collator does: still pre-shifted
     with pytest.raises(ValueError, match="pre-shifted"):
         model(x[:, :-1], labels=masked)
+
+
+# ------------------------------------------------------------------------------ the memory-off control
+# Per layer, how far back a token can see with its memory off: the cache (budget + evict_every), the
+# segment or window, the short convolution of Titans. Two layers: twice that. 200 tokens clear it.
+LOCAL_REACH = 2 * (SMALL_KNOBS["budget"] + SMALL_KNOBS["evict_every"] + 4)
+KEEPS_TOKEN_ZERO = ["sinks", "infini", "infini-linear", "titans-lmm", "titans-mac", "titans-mag", "titans-mal"]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_memory_off_leaves_nothing_from_beyond_the_local_context(name):
+    """With the memory off, the first tokens of a 200-token stream cannot change its last logits (they
+    lie beyond every layer's local context); with it on, a design that keeps them does change them."""
+    model = tiny(name).eval()
+    x = ids(1, 200)
+    y = x.clone()
+    y[:, :10] = ids(1, 10, seed=1)  # a different start, far outside the local reach of the last tokens
+    assert 200 - 20 > LOCAL_REACH + 10
+    with torch.no_grad():
+        with memzoo.memory_off(model):
+            off = [model.stream(t, 64).logits[:, -20:] for t in (x, y)]
+        on = [model.stream(t, 64).logits[:, -20:] for t in (x, y)]
+    torch.testing.assert_close(off[0], off[1], atol=0, rtol=0)  # the same ops on the same local inputs: bit for bit
+    if name in KEEPS_TOKEN_ZERO:
+        assert not torch.equal(on[0], on[1])  # the memory carried the start (the test can fail)
+    if name == "window":  # a window has no memory beyond its cache: its control is itself
+        torch.testing.assert_close(on[0], on[1], atol=0, rtol=0)
+
+
+def test_memory_off_is_restored_and_refused_where_there_is_no_memory():
+    model = tiny("infini").eval()
+    x = ids(1, 40)
+    with torch.no_grad():
+        before = model.stream(x, 16).logits
+        with memzoo.memory_off(model) as same:
+            assert same is model
+            assert all(m.memory_off for m in model.modules() if isinstance(m, memzoo.MemoryModule))
+            off = model.stream(x, 16).logits
+        after = model.stream(x, 16).logits
+    assert not torch.equal(before, off)  # segments after the first read the memory when it is on
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    assert not any(m.memory_off for m in model.modules() if hasattr(m, "memory_off"))
+    with pytest.raises(ValueError, match="'full' has no memory to switch off"):
+        with memzoo.memory_off(tiny("full")):
+            pass
+    with pytest.raises(ValueError, match="no memzoo memory modules"):
+        with memzoo.memory_off(torch.nn.Linear(2, 2)):
+            pass
+
+
+@pytest.mark.parametrize("name", ["titans-mag", "infini"])
+def test_memory_off_writes_nothing_into_the_state(name):
+    """The compressive and neural memories stay as they started: M = 0 (Infini), M = M_0 and S = 0 (Titans)."""
+    model = tiny(name).eval()
+    with torch.no_grad(), memzoo.memory_off(model):
+        state = model.stream(ids(1, 37), 16).state
+    for layer, block in zip(state.layers, model.blocks):
+        if name == "infini":
+            assert float(layer.M.abs().max()) == 0.0 and float(layer.z.abs().max()) == 0.0
+        else:
+            memory = layer.memory
+            for w, w0 in zip(memory.weights, block.mixer.memory.init_weights):
+                torch.testing.assert_close(w, w0.expand_as(w), atol=0, rtol=0)
+            assert all(float(s.abs().max()) == 0.0 for s in memory.momentum)

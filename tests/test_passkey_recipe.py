@@ -127,6 +127,29 @@ def test_cli_passkey_eval_writes_results(tmp_path):
     assert fresh["weights_sha256"] != again["weights_sha256"] and len(fresh["commands"]) == 1  # nothing carried over
 
 
+def test_memory_off_control_from_the_cli(tmp_path, capsys):
+    """--memory-off writes its own results beside the memory's (never mixed with them); compare measures both
+    by default and prints the control below its design; full has no control and says so."""
+    torch.manual_seed(0)
+    memzoo.build("sinks", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).save_pretrained(tmp_path / "sinks")
+    memzoo.build("full", d_model=32, n_layers=1, n_heads=2).save_pretrained(tmp_path / "full")
+    grid = ["--lengths", "256", "--depths", "0", "1", "--n-keys", "2", "--out", str(tmp_path / "res"), "--quiet"]
+    assert main(["passkey", "eval", "--checkpoint", str(tmp_path / "sinks"), "--memory-off", *grid]) == 0
+    control = json.loads((tmp_path / "res" / "sinks-memory-off.json").read_text())
+    assert control["memory_off"] and "most recent 64 tokens" in control["memory_off_means"]
+    assert not (tmp_path / "res" / "sinks.json").exists()
+    assert "sinks (off)" in capsys.readouterr().out  # alone, the control is a row of its own, named so
+    assert main(["passkey", "eval", "--checkpoint", str(tmp_path / "full"), "--memory-off", *grid]) == 2
+    assert "no memory-off control (drop --memory-off)" in capsys.readouterr().err
+    assert main(["passkey", "compare", "--checkpoints", str(tmp_path / "sinks"), str(tmp_path / "full"), *grid]) == 0
+    out = capsys.readouterr().out
+    assert "[1/4]" in out and "(memory off)" in out  # each checkpoint, then its control
+    assert "keeping 2 cells" in out  # the control measured above is reused, the memory's is not
+    assert json.loads((tmp_path / "res" / "sinks.json").read_text()).get("memory_off") is None
+    table = out.split("How to read it")[1]
+    assert "  memory off     " in table and "(none: it keeps every token)" in table
+
+
 def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):
     """probe_passkey's answer cross-entropy, streamed in short calls, equals a one-call forward of
     the same batch (split invariance, to fp32 rounding and the probe's 4 reported decimals), and the
@@ -265,10 +288,7 @@ def test_a_mix_stage_trains_its_shapes_in_turn(tmp_path):
     assert describe_curriculum(curriculum) == "320 tokens x 2, then 300 tokens x 3 alternating with 400 tokens x 1"
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        "model: {memory: full}\ntrain: {steps: 2}\n"
-        "task: {name: passkey, curriculum: [{until: 1.0, mix: [{n_tokens: 300}]}]}\n"
-    )
+    bad.write_text("model: {memory: full}\ntrain: {steps: 2}\ntask: {name: passkey, curriculum: [{until: 1.0, mix: [{n_tokens: 300}]}]}\n")
     with pytest.raises(ValueError, match="needs n_tokens and batch_size"):
         load_recipe(bad)
 

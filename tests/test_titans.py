@@ -227,6 +227,65 @@ def test_inner_grad_clip_matches_naive(chunk):
         assert_close(fast, naive, n=widest(2, 4), depth=2 * steps * 2 * 2, scale="max")
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_first_order_matches_naive_and_only_cuts_the_inner_gradients_path(chunk):
+    """first_order: the same forward values bit for bit; outer gradients equal the reference's first-order
+    ones (fp64), and differ from the exact ones only where d grad / dW enters (the weights); the gates' and
+    values' gradients still flow."""
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(b=1, h=2, n=13, k=4, dtype=torch.float64, lr=0.5)
+    leaves = [t.clone().requires_grad_() for t in (*weights, q, k, v, theta)]
+    ws, (q, k, v, theta) = tuple(leaves[: len(weights)]), leaves[len(weights) :]
+    steps = -(-13 // chunk)
+    outs, grads = {}, {}
+    for fn in (titans_naive, titans_chunked):
+        for first_order in (False, True):
+            out = fn(ws, momentum, q, k, v, eta, theta, alpha, chunk_size=chunk, first_order=first_order)
+            outs[fn, first_order] = out
+            loss = out[0].pow(2).sum() + sum(x.pow(2).sum() for x in out[1])
+            grads[fn, first_order] = torch.autograd.grad(loss, leaves)
+    for fn in (titans_naive, titans_chunked):  # forward unchanged
+        for got, want in zip((outs[fn, True][0], *outs[fn, True][1]), (outs[fn, False][0], *outs[fn, False][1])):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert_memory_close(outs[titans_chunked, True], outs[titans_naive, True], n=widest(2, 4), depth=steps * 2 * 2)
+    for fast, naive in zip(grads[titans_chunked, True], grads[titans_naive, True]):
+        assert fast.abs().sum() > 0  # every leaf still gets a gradient
+        assert_close(fast, naive, n=widest(2, 4), depth=2 * steps * 2 * 2, scale="max")
+    exact, first = grads[titans_chunked, False], grads[titans_chunked, True]
+    for i in range(len(weights)):  # the weights' gradient loses the d grad / dW path: it changes
+        assert float((exact[i] - first[i]).abs().max()) > 1e-3 * float(exact[i].abs().max())
+
+
+def test_a_forget_gate_of_exactly_one_keeps_gradients_finite():
+    """alpha == 1.0 (a sigmoid saturated in fp32: a trained titans-mag's forget gate fully erased one head's
+    memory on a needle digit) gives finite outer gradients, equal to the reference's, where 1 - alpha is 0.
+
+    The chunked form floors log(1 - alpha) at -30 (exp(-30) ~ 1e-13 of the memory is left, within fp32
+    rounding of the reference's 0). Before, the floor's zero gradient met log1p's 1 / (1 - alpha) = inf:
+    0 * inf = NaN in every gradient upstream, and the run stopped on a NaN gradient norm.
+    """
+    weights, momentum, q, k, v, eta, theta, alpha = memory_inputs(b=1, h=2, n=11, k=4, lr=0.1)
+    alpha = alpha.clone()
+    alpha[0, 0, 2] = alpha[0, 1, 5] = alpha[0, 1, 6] = 1.0  # mid-chunk, and twice in a row
+    leaves = [t.clone().requires_grad_() for t in (*weights, q, k, v, eta, theta, alpha)]
+    ws, (q, k, v, eta, theta, alpha) = tuple(leaves[: len(weights)]), leaves[len(weights) :]
+    results, grads = [], []
+    for fn in (titans_naive, titans_chunked):
+        out = fn(ws, momentum, q, k, v, eta, theta, alpha, chunk_size=4)
+        results.append(out)
+        loss = out[0].pow(2).sum() + sum(x.pow(2).sum() for x in out[1] + out[2])
+        grads.append(torch.autograd.grad(loss, leaves))
+    assert_memory_close(results[1], results[0], n=widest(2, 4), depth=3 * 2 * 2)
+    erased = alpha.detach() == 1
+    for i, (naive, fast) in enumerate(zip(*grads)):  # in the order of the loop above
+        assert torch.isfinite(fast).all()
+        if i == len(leaves) - 1:
+            # alpha's own gradient where alpha == 1: 0 in the chunked form (the floored log is flat there;
+            # in a model the saturated sigmoid's derivative is 0 anyway), -<dL/dW, W> in the reference
+            assert float(fast[erased].abs().max()) == 0.0
+            fast, naive = fast.masked_fill(erased, 0), naive.masked_fill(erased, 0)
+        assert_close(fast, naive, n=widest(2, 4), depth=2 * 3 * 2 * 2, scale="max")
+
+
 # ------------------------------------------------------------------------------ placements: references
 D, H, N = 16, 2, 21
 SMALL = dict(chunk_size=4, lr_init=0.05, max_lr=0.1, momentum_init=0.8, forget_init=0.01)
@@ -262,7 +321,7 @@ def ref_memory(mem: NeuralMemory, x: torch.Tensor, *, committed: bool = False):
     conv = sum(padded[:, j : j + x.shape[1]] * mem.conv[:, j] for j in range(K))
     q, k, v = (heads(t) for t in F.silu(conv).chunk(3, dim=-1))
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    eta = torch.sigmoid(mem.eta(x))
+    eta = mem.config.max_momentum * torch.sigmoid(mem.eta(x))
     theta = mem.config.max_lr * torch.sigmoid(mem.theta(x))
     alpha = torch.sigmoid(mem.alpha(x))
     gates = (rearrange(g, "b n h -> b h n") for g in (eta, theta, alpha))
@@ -357,9 +416,10 @@ def x():
     return torch.randn(2, N, D, generator=torch.Generator().manual_seed(3))
 
 
-def test_lmm_matches_reference(x):
+@pytest.mark.parametrize("max_momentum", [1.0, 0.9])
+def test_lmm_matches_reference(x, max_momentum):
     torch.manual_seed(0)
-    mod = perturbed(TitansLMM(D, H, TitansConfig(**SMALL)))
+    mod = perturbed(TitansLMM(D, H, TitansConfig(**SMALL, max_momentum=max_momentum)))
     with torch.no_grad():
         want = mod.out(mod.out_norm(ref_memory(mod.memory, x)) * torch.sigmoid(mod.out_gate(x)))
         assert_close(run_module(mod, x, [5, 6, 13])[0], want, **placement_op(mod))
@@ -491,6 +551,52 @@ def test_config_errors():
         TitansMACConfig(segment_len=10, chunk_size=4)
     with pytest.raises(ValueError, match="lr_init < max_lr"):
         TitansConfig(lr_init=0.5, max_lr=0.1)
+    for momentum_init in (0.9, 0.95):  # equal to the cap, or above it
+        with pytest.raises(ValueError, match="momentum_init < max_momentum"):
+            TitansMAGConfig(momentum_init=momentum_init, max_momentum=0.9)
+    with pytest.raises(ValueError, match="max_momentum"):
+        TitansConfig(max_momentum=1.5)
+
+
+def _gates_before_max_momentum(self, x):
+    """NeuralMemory._gates as it was before max_momentum: eta a plain sigmoid."""
+    xf = x.float()
+    eta, theta, alpha = (torch.sigmoid(F.linear(xf, lin.weight, lin.bias)) for lin in (self.eta, self.theta, self.alpha))
+    return rearrange(torch.stack([eta, self.config.max_lr * theta, alpha], dim=-1), "b n h three -> b h n three")
+
+
+def test_max_momentum_default_is_the_plain_sigmoid_bit_for_bit(x, monkeypatch):
+    """max_momentum=1.0 (the default) computes exactly what memzoo computed before it: same eta bias at
+    initialisation and the same outputs, bit for bit (shipped checkpoints load and compute as before)."""
+    torch.manual_seed(0)
+    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL)))
+    assert mod.config.max_momentum == 1.0
+    # the bias before: logit(momentum_init)
+    assert torch.equal(mod.memory.eta.bias, torch.full_like(mod.memory.eta.bias, math.log(0.8 / (1 - 0.8))))
+    with torch.no_grad():
+        torch.nn.init.normal_(mod.memory.eta.weight, std=3.0)  # eta spread over (0, 1)
+        new, _ = run_module(mod, x, [4, 9])
+        monkeypatch.setattr(NeuralMemory, "_gates", _gates_before_max_momentum)
+        old, _ = run_module(mod, x, [4, 9])
+    torch.testing.assert_close(new, old, atol=0, rtol=0)  # x 1.0 is exact in IEEE arithmetic
+
+
+def test_max_momentum_caps_eta_even_with_huge_gate_logits(x):
+    """eta = max_momentum * sigmoid(.): momentum_init is relative to the cap, and however large the gate's
+    logits grow eta never exceeds max_momentum (at 1.0 it reaches exactly 1 in fp32: momentum that never decays)."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(D, H, TitansConfig(**SMALL, max_momentum=0.9))
+    assert_close(0.9 * torch.sigmoid(mem.eta.bias), torch.full((H,), 0.8))  # momentum_init, relative to the cap
+    with torch.no_grad():
+        mem.eta.weight.normal_(std=1e3)
+        mem.eta.bias.fill_(1e4)
+        eta = mem._gates(x)[..., 0]
+    assert bool((eta <= torch.tensor(0.9)).all()) and bool((eta >= 0).all())  # logits of +-1e4: both ends saturate
+    assert float(eta.max()) == float(torch.tensor(0.9))  # saturated at the cap (0.9 in fp32), not above it
+    uncapped = NeuralMemory(D, H, TitansConfig(**SMALL))
+    uncapped.load_state_dict(mem.state_dict())
+    with torch.no_grad():
+        assert float(uncapped._gates(x)[..., 0].max()) == 1.0  # the default: exactly 1
 
 
 @pytest.mark.parametrize("design", ["titans-lmm", "titans-mac", "titans-mag", "titans-mal", "infini"])

@@ -145,6 +145,10 @@ class InfiniAttention(MemoryModule):
         self.beta = nn.Parameter(torch.full((n_heads,), float(config.gate_init)))
         self.optim_overrides = {"beta": {"lr_mult": config.gate_lr_mult, "weight_decay": config.gate_weight_decay}}
 
+    @property
+    def memory_off_means(self) -> str:
+        return "the compressive memory is never written: every segment reads an empty memory (local attention unchanged)"
+
     def reset_memory_parameters(self) -> None:
         nn.init.constant_(self.beta, self.config.gate_init)
 
@@ -174,7 +178,7 @@ class InfiniAttention(MemoryModule):
             a_dot = local_attention(q[:, :, :i], keys[:, :, : f + i].to(q.dtype), values[:, :, : f + i], rope_theta=self.rope_theta)
             outs.append(gate_mix(memory_read(q[:, :, :i], M, z), a_dot, self.beta))
             pos += i
-            if pos % S == 0:
+            if pos % S == 0 and not self.memory_off:
                 M, z = memory_write(keys, values, M, z, delta=self.delta)
                 M, z = self._maybe_detach(M, z, pos // S)
         if i < n:  # the rest starts at a segment boundary: batched over its complete segments
@@ -190,6 +194,7 @@ class InfiniAttention(MemoryModule):
                 rope_theta=self.rope_theta,
                 detach_every=self.config.detach_every,
                 segments_done=pos // S,
+                write=not self.memory_off,
             )
             outs.append(a)
             pos += n - i

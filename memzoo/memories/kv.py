@@ -161,6 +161,9 @@ class RecentTokens(EvictionPolicy):
         return cache.token_pos[..., : cache.length].float()
 
 
+_RECENT = RecentTokens()  # the memory-off control of every eviction policy
+
+
 class SinksAndRecent(EvictionPolicy):
     """``sinks``: the first ``n_sinks`` tokens of the stream plus the most recent (StreamingLLM)."""
 
@@ -344,6 +347,12 @@ class CachedAttention(MemoryModule):
     def bounded(self) -> bool:
         return self.budget is not None
 
+    @property
+    def memory_off_means(self) -> str | None:
+        if not self.bounded:
+            return None  # full attention: every token stays, there is no memory beyond it to switch off
+        return f"the cache keeps its most recent {self.budget} tokens (the window policy at the same budget)"
+
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> KVCacheState:
         device = self._default_device(device)
         dtype = dtype or self.qkv.weight.dtype
@@ -391,7 +400,7 @@ class CachedAttention(MemoryModule):
         return out, state
 
     def _evict(self, state: KVCacheState) -> KVCacheState:
-        return evict(self.policy, state, self.budget)
+        return evict(_RECENT if self.memory_off else self.policy, state, self.budget)
 
 
 # ---------------------------------------------------------------------------------- cache maths

@@ -8,15 +8,15 @@ The neural memory (section 3.1 and 4.4 of the paper). Per head, an MLP ``M`` (de
 expansion 4, residual + norm) is trained *while reading* to map keys to values: each token takes
 one gradient step on ``||M(k_t) - v_t||^2`` with momentum ("surprise") and forgetting::
 
-    q, k, v = SiLU(conv4(W_{Q,K,V} x))   per head, q and k l2-normalised
-    eta_t   = sigmoid(w_eta . x_t + b_eta)              momentum decay, per token and head
-    theta_t = max_lr * sigmoid(w_theta . x_t + b_theta) inner learning rate
-    alpha_t = sigmoid(w_alpha . x_t + b_alpha)          forgetting (weight decay)
+    q, k, v = SiLU(conv4(W_{Q,K,V} x))                       per head, q and k l2-normalised
+    eta_t   = max_momentum * sigmoid(w_eta . x_t + b_eta)    momentum decay, per token and head
+    theta_t = max_lr * sigmoid(w_theta . x_t + b_theta)      inner learning rate
+    alpha_t = sigmoid(w_alpha . x_t + b_alpha)               forgetting (weight decay)
 
 (each gate is a ``Linear(d -> h)`` of the token that writes; the biases start at ``momentum_init``,
-``lr_init`` and ``forget_init``). The initial weights ``M_0`` are parameters (the outer loop
-learns them); the outer loss back-propagates through every inner update unless
-``stop_inner_grad``.
+``lr_init`` and ``forget_init``, the first two relative to their caps ``max_momentum`` and
+``max_lr``). The initial weights ``M_0`` are parameters (the outer loop learns them); the outer
+loss back-propagates through every inner update unless ``stop_inner_grad``.
 
 Chunks and split invariance. Gradients are taken at the start of each chunk of ``chunk_size``
 stream tokens (the paper's mini-batch form); token t reads the memory after its own write, with
@@ -112,7 +112,14 @@ class TitansConfig(MemoryConfig):
             surprising token from blowing the memory up. 1.0 lets a token write as strongly as a
             full gradient step (0.1 in memzoo before: a needle's few tokens then write too weakly).
         lr_init: theta at initialisation (sets the bias of the theta gate); must lie in (0, max_lr).
-        momentum_init: eta at initialisation: how long a surprise keeps writing (0.9: ~10 tokens).
+        momentum_init: eta at initialisation: how long a surprise keeps writing (0.9: ~10 tokens);
+            must lie in (0, max_momentum).
+        max_momentum: upper bound of the momentum decay, ``eta_t = max_momentum * sigmoid(.)``.
+            1.0 (the default, memzoo before) lets eta reach exactly 1 (a sigmoid saturates in fp32
+            above a logit of ~17): the surprise then never decays and integrates every gradient
+            into the memory without bound (a warm-started ``titans-mag`` had eta == 1 on ~9% of
+            the tokens of its layers 1-2 and memories drifting to norms of 4,000-40,000). Below 1,
+            ``|S| <= max(theta |grad|) / (1 - max_momentum)``.
         forget_init: alpha at initialisation. 1e-5 per token keeps 0.99999^16384 = 85% of a write
             at 16K tokens; the gate is a sigmoid of a logit near -11.5, i.e. ``exp(logit)``: the
             model moves alpha by factors (to ~1e-13, "never forget", or up to 1) at a constant
@@ -139,6 +146,14 @@ class TitansConfig(MemoryConfig):
             learned norm gain above 1 one chunk's writes can outgrow M_0 many times over, and the
             outer gradient through them explodes (a warm-started ``titans-mag`` stopped on an
             infinite gradient norm). Below the bound it is the identity.
+        first_order: take each chunk's inner gradients at its start weights detached, as
+            first-order MAML does: the forward pass is unchanged bit for bit, and the outer
+            gradient still reaches the keys, values, gates and (through the carried memory) M_0,
+            but not through the inner gradient's own dependence on the weights. That path is the
+            one that exploded: in a warm-started ``titans-mag`` (2,048-token streams, 128 chunks)
+            each chunk multiplied layer 0's backward by ~1.45, to a gradient norm of ~1e19 at the
+            first chunk; first-order, the same step's norm was 2.6. False = the paper's exact
+            gradient.
     """
 
     chunk_size: int = field(default=16, metadata=bounds(ge=1))
@@ -148,6 +163,7 @@ class TitansConfig(MemoryConfig):
     max_lr: float = field(default=1.0, metadata=bounds(gt=0))
     lr_init: float = field(default=0.01, metadata=bounds(gt=0))
     momentum_init: float = field(default=0.9, metadata=bounds(gt=0, lt=1))
+    max_momentum: float = field(default=1.0, metadata=bounds(gt=0, le=1))
     forget_init: float = field(default=1e-5, metadata=bounds(gt=0, lt=1))
     stop_inner_grad: bool = False
     norm_gain: bool = True
@@ -155,11 +171,16 @@ class TitansConfig(MemoryConfig):
     gate_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     output_gate: bool = True
     max_grad_norm: float = field(default=0.0, metadata=bounds(ge=0))
+    first_order: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not self.lr_init < self.max_lr:
             raise ValueError(f"need 0 < lr_init < max_lr, got lr_init={self.lr_init}, max_lr={self.max_lr}")
+        if not self.momentum_init < self.max_momentum:
+            raise ValueError(
+                f"need 0 < momentum_init < max_momentum, got momentum_init={self.momentum_init}, max_momentum={self.max_momentum}"
+            )
 
     def build_module(self, backbone, layer_idx: int) -> TitansLMM:
         return TitansLMM(backbone.d_model, backbone.n_heads, self)
@@ -379,6 +400,9 @@ class NeuralMemory(nn.Module):
     Reference: Titans (arXiv 2501.00663), section 3.1 (eqs. 11-15) and section 4.4.
     """
 
+    #: set by :func:`memzoo.memory_off`: nothing is written (theta = alpha = 0), every read is of M_0
+    memory_off: bool = False
+
     def __init__(self, d_model: int, n_heads: int, config: TitansConfig):
         super().__init__()
         self.config = config
@@ -409,7 +433,7 @@ class NeuralMemory(nn.Module):
         if self.norm_gain is not None:
             nn.init.constant_(self.norm_gain, self.head_dim**-0.5)
         cfg = self.config
-        nn.init.constant_(self.eta.bias, _logit(cfg.momentum_init))
+        nn.init.constant_(self.eta.bias, _logit(cfg.momentum_init / cfg.max_momentum))
         nn.init.constant_(self.theta.bias, _logit(cfg.lr_init / cfg.max_lr))
         nn.init.constant_(self.alpha.bias, _logit(cfg.forget_init))
 
@@ -460,7 +484,7 @@ class NeuralMemory(nn.Module):
                 return F.linear(xf, lin.weight.to(xf.dtype), lin.bias.to(xf.dtype))
 
             eta, theta, alpha = torch.sigmoid(logits(self.eta)), torch.sigmoid(logits(self.theta)), torch.sigmoid(logits(self.alpha))
-            theta = self.config.max_lr * theta
+            eta, theta = self.config.max_momentum * eta, self.config.max_lr * theta  # x 1.0 is exact: the default is unchanged
         return rearrange(torch.stack([eta, theta, alpha], dim=-1), "b n h three -> b h n three")
 
     def read(self, weights: tuple, q: Tensor) -> Tensor:
@@ -491,6 +515,8 @@ class NeuralMemory(nn.Module):
         q, k, v = rearrange(y, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
         q, k, v = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(k), dim=-1), at_least_fp32(v)  # memory maths in fp32
         gates = self._gates(x)
+        if self.memory_off:  # the control: theta = alpha = 0, so the memory stays M_0 (S starts at 0 and stays)
+            gates = gates * gates.new_tensor([1.0, 0.0, 0.0])
         f, c = state.fill, self.config.chunk_size
         if f:  # the unfinished chunk again: its gradients are taken at its start, with these tokens'
             q = torch.cat([torch.zeros_like(q[:, :, :1]).expand(-1, -1, f, -1), q], dim=2)  # its reads are discarded
@@ -510,6 +536,7 @@ class NeuralMemory(nn.Module):
             stop_grad=self.config.stop_inner_grad,
             gain=self.norm_gain,
             max_grad_norm=self.config.max_grad_norm,
+            first_order=self.config.first_order,
         )
         total = k.shape[2]
         left = total % c
@@ -614,6 +641,9 @@ class _PrefixWindowAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- placements
+_TITANS_OFF = "the neural memory is never written (theta = alpha = 0): every token reads the initial memory M_0"
+
+
 class TitansLMM(MemoryModule):
     """``titans-lmm``: the neural memory alone, ``out = W_O(RMSNorm(M(x)) * sigmoid(W_g x))``
     (``output_gate``; without it ``W_O(M(x))``).
@@ -630,6 +660,10 @@ class TitansLMM(MemoryModule):
         self.out_norm = RMSNorm(d_model) if config.output_gate else None
         self.out_gate = nn.Linear(d_model, d_model) if config.output_gate else None
 
+    @property
+    def memory_off_means(self) -> str:
+        return _TITANS_OFF
+
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> NeuralMemoryState:
         return self.memory.init_state(batch_size, device=self._default_device(device), dtype=dtype)
 
@@ -642,6 +676,10 @@ class TitansLMM(MemoryModule):
 
 class _WithPersistent(MemoryModule):
     """Shared bits of the placements with persistent tokens."""
+
+    @property
+    def memory_off_means(self) -> str:
+        return _TITANS_OFF
 
     def __init__(self, d_model: int, n_heads: int, config):
         super().__init__()

@@ -210,6 +210,7 @@ def infini_attention(
     rope_theta: float = 10000.0,
     detach_every: int = 0,
     segments_done: int = 0,
+    write: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batched Infini-attention over tokens that start at a segment boundary.
 
@@ -226,6 +227,7 @@ def infini_attention(
         delta: delta rule instead of linear.
         rope_theta: RoPE base of the local attention.
         detach_every, segments_done: see :func:`memory_scan`.
+        write: False = the memory-off control: no segment writes, each reads ``M``, ``z`` as given.
 
     Returns:
         A [b, h, n, v] (the wider of q's dtype and fp32), and the memory ``M``, ``z`` after the
@@ -238,7 +240,10 @@ def infini_attention(
     outs = []
     if g:
         qs, ks, vs = (rearrange(t[:, :, : g * S], "b h (g s) k -> b h g s k", s=S) for t in (q, k, v))
-        M_read, z_read, M, z = memory_scan(ks, vs, M, z, delta=delta, detach_every=detach_every, segments_done=segments_done)
+        if write:
+            M_read, z_read, M, z = memory_scan(ks, vs, M, z, delta=delta, detach_every=detach_every, segments_done=segments_done)
+        else:
+            M_read, z_read = M[:, :, None].expand(-1, -1, g, -1, -1), z[:, :, None].expand(-1, -1, g, -1)
         a_mem = memory_read(qs, M_read, z_read)  # [b, h, g, s, v]
         fold = "b h g s k -> (b g) h s k"
         a_dot = local_attention(rearrange(qs, fold), rearrange(ks, fold), rearrange(vs, fold), rope_theta=rope_theta)

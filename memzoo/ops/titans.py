@@ -205,6 +205,7 @@ def titans_naive(
     residual_norm: bool = True,
     gain: Tensor | None = None,
     max_grad_norm: float | None = None,
+    first_order: bool = False,
 ) -> tuple[Tensor, Weights, Weights]:
     """The reference: the memory updated token by token, gradients by ``torch.func``.
 
@@ -217,6 +218,8 @@ def titans_naive(
         residual_norm: as in :func:`memory_read`.
         gain: ``[h, v]`` the norm's gain (None = 1).
         max_grad_norm: clip each token's gradient (all layers together) to this norm; None/0 = off.
+        first_order: take each gradient at the chunk's start weights detached (the outer gradient
+            does not flow through the inner gradient's dependence on the weights).
 
     Returns:
         reads ``[b, h, n, v]``, and the weights and momentum after the last complete chunk.
@@ -241,7 +244,7 @@ def titans_naive(
         reads = []
         for t in range(n):
             if t % chunk_size == 0:
-                anchor = tuple(W)  # the memory before the chunk's first token
+                anchor = tuple(w.detach() for w in W) if first_order else tuple(W)  # the memory before the chunk's first token
             g = grad_fn(anchor, k[:, t], v[:, t], gains)
             if max_grad_norm:  # clip the token's gradient (all layers together) to max_grad_norm
                 sq = torch.stack([gl.square().sum((-2, -1)) for gl in g]).sum(0)  # [bh]
@@ -262,6 +265,21 @@ def titans_naive(
 
 
 # ---------------------------------------------------------------------------------- chunked
+def _log_keep(alpha: Tensor) -> Tensor:
+    """``max(log(1 - alpha), _LOG_FLOOR)``, with a finite gradient at ``alpha = 1``.
+
+    A sigmoid gate saturates to exactly 1.0 in fp32 for logits above ~17 (a trained forget gate
+    does: full erasure on a chosen token). ``log1p(-1) = -inf`` is floored, so the floor's backward
+    passes 0, and log1p's backward multiplied it by ``1 / (1 - alpha) = inf``: 0 * inf = NaN in
+    every gradient upstream (a warm-started ``titans-mag`` stopped on a NaN gradient norm). The
+    value is unchanged bit for bit; where ``alpha >= 1`` the floor is taken directly and its
+    gradient is 0 (the floored function is flat there).
+    """
+    alive = alpha < 1
+    safe = torch.where(alive, alpha, torch.zeros_like(alpha))  # log1p never sees -1, nor its backward 1 / 0
+    return torch.where(alive, torch.log1p(-safe), torch.full_like(alpha, _LOG_FLOOR)).clamp_min(_LOG_FLOOR)
+
+
 def _chunk_coefficients(eta: Tensor, theta: Tensor, alpha: Tensor) -> dict[str, Tensor]:
     """Closed form of a chunk's momentum/decay recurrences, for every chunk at once.
 
@@ -283,7 +301,7 @@ def _chunk_coefficients(eta: Tensor, theta: Tensor, alpha: Tensor) -> dict[str, 
     """
     c = eta.shape[-1]
     LE = eta.clamp_min(1e-38).log().clamp_min(_LOG_FLOOR).cumsum(-1)  # [b, h, g, c]
-    LD = torch.log1p(-alpha.clamp_max(1.0)).clamp_min(_LOG_FLOOR).cumsum(-1)
+    LD = _log_keep(alpha).cumsum(-1)
     future = ~torch.ones(c, c, dtype=torch.bool, device=eta.device).tril()  # [t, j]: j > t
     P = (LD[..., :, None] - LD[..., None, :]).masked_fill(future, float("-inf")).exp()  # [.., t, j] = D_t / D_j
     Q = (LE[..., :, None] - LE[..., None, :]).masked_fill(future, float("-inf")).exp()  # [.., j, i] = E_j / E_i
@@ -311,6 +329,7 @@ def titans_chunked(
     stop_grad: bool = False,
     gain: Tensor | None = None,
     max_grad_norm: float | None = None,
+    first_order: bool = False,
 ) -> tuple[Tensor, Weights, Weights]:
     """The fast form: gradients at each chunk's start, momentum and decay solved per chunk.
 
@@ -330,6 +349,9 @@ def titans_chunked(
             given).
         gain: ``[h, v]`` the norm's gain (None = 1).
         max_grad_norm: clip each token's gradient to this norm (:func:`clip_token_grads`); None/0 = off.
+        first_order: the gradients are taken at the chunk's start weights detached: the outer
+            gradient still reaches k, v, the gates, the gain and (through the decayed carry
+            ``A W_0``) the weights, but not through ``d grad l_t(W) / dW``. Forward values unchanged.
 
     Returns:
         reads ``[b, h, n, v]`` (fp32), and the weights and momentum after the last complete
@@ -361,7 +383,7 @@ def titans_chunked(
         qc, kc, vc = (rearrange(t, "b h (g c) k -> g b h c k", c=c).unbind(0) for t in (q, k, v))
         reads = []
         for j in range(g):  # sequential over chunks: the gradients of chunk j need the weights at its start
-            dz, a = memory_grads([w.detach() for w in W] if stop_grad else W, kc[j], vc[j], residual_norm=residual_norm,
+            dz, a = memory_grads([w.detach() for w in W] if stop_grad or first_order else W, kc[j], vc[j], residual_norm=residual_norm,
                                  gain=gain.detach() if stop_grad and gain is not None else gain)  # fmt: skip
             dz = clip_token_grads(dz, a, max_grad_norm)
             # every token reads with its own weights (dual form): W_t r = A_t W_0 r + B_t S_0 r + sum_i G_ti (a_i . r) dz_i

@@ -283,6 +283,9 @@ def test_memory_off_leaves_nothing_from_beyond_the_local_context(name):
             off = [model.stream(t, 64).logits[:, -20:] for t in (x, y)]
         on = [model.stream(t, 64).logits[:, -20:] for t in (x, y)]
     torch.testing.assert_close(off[0], off[1], atol=0, rtol=0)  # the same ops on the same local inputs: bit for bit
+    with torch.no_grad(), memzoo.memory_off(model):  # and the state stays bounded with the memory off too
+        sizes = [model.stream(x[:, :n], 64).state.nbytes() for n in (100, 200)]
+    assert sizes[0] == sizes[1]
     if name in KEEPS_TOKEN_ZERO:
         assert not torch.equal(on[0], on[1])  # the memory carried the start (the test can fail)
     if name == "window":  # a window has no memory beyond its cache: its control is itself

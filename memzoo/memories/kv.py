@@ -392,7 +392,7 @@ class CachedAttention(MemoryModule):
         valid = state.valid[:, :, :T]
         holes = None if bool(valid[:, :, :L].all()) else valid[:, :, None, :]  # [b, h, 1, T]
         vals = state.values[:, :, :T].to(q.dtype)
-        if self.policy.needs_attention:
+        if self.policy.needs_attention and not self.memory_off:  # the control ignores the policy: nothing to observe
             out, probs = attend(qr, kr, vals, mask=holes, return_probs=True)
             state.policy = self.policy.observe(state, probs, q.shape[2])
         else:

@@ -22,6 +22,15 @@ NOT_RECIPES = {"evolve", "bench"}
 CONFIGS = sorted(p for p in (REPO / "recipes" / "configs").rglob("*.yaml") if p.parent.name not in NOT_RECIPES)
 
 
+def test_the_grids_progress_bar_counts_every_cell_in_tokens(capsys):
+    """One bar over the whole grid, in tokens (its ETA weighs a long length as it costs), not one bar per length."""
+    model = memzoo.build("window", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).eval()
+    evaluate_passkey(model, lengths=[320, 380], depths=[0.0, 1.0], n_keys=1, progress=True)
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "passkey grid" in line]
+    assert bars and all("/1.40k" in line for line in bars)  # (320 + 380) x 2 depths
+    assert "1.40k/1.40k" in bars[-1] and "length=380" in bars[-1]
+
+
 @pytest.mark.parametrize("name", ["full", "window", "infini", "titans-mac"])
 def test_shared_prefix_evaluation_equals_prompt_by_prompt(name):
     """Streaming the filler once and branching per key gives each prompt's own greedy answer."""

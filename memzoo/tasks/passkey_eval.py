@@ -69,7 +69,7 @@ def evaluate_passkey(
         segment_len: tokens per forward call while streaming.
         max_new_tokens: greedy tokens generated after the question (7: the trained answer
             ``" 12345."``, a space, 5 digits and a full stop).
-        progress: progress bars.
+        progress: a progress bar over the whole grid, with its ETA (weighted by length).
         on_cell: called with each finished cell's dict (e.g. to save partial results).
 
     Returns:
@@ -83,6 +83,8 @@ def evaluate_passkey(
     keys = [random_key(generator) for _ in range(n_keys)]
     device = next(model.parameters()).device
     cells = []
+    # one bar over the whole grid, in tokens: a cell's cost grows with its length, so the ETA does too
+    bar = tqdm(total=sum(lengths) * len(depths), desc="passkey grid", unit="tok", unit_scale=True, disable=not progress)
     for length in lengths:
         # ``length`` counts every token the model sees, answer included, as in training: the prompt
         # leaves room for the answer. (With prompts of exactly 1K, 4K, ... tokens, a multiple of
@@ -100,7 +102,6 @@ def evaluate_passkey(
                     raise RuntimeError("passkey prompts of one cell differ before the needle; cannot share the prefix")
         state, streamed = model.init_state(1, device=device), prefixes[depths[0]][:0]
         order = sorted(depths, key=lambda d: len(prefixes[d]))
-        bar = tqdm(total=len(order), desc=f"passkey {length:,} tok", disable=not progress, unit="cell")
         for d in order:
             start_time = time.perf_counter()
             prefix, done = prefixes[d], len(streamed)
@@ -132,9 +133,9 @@ def evaluate_passkey(
             cells.append(cell)
             if on_cell is not None:
                 on_cell(cell)
-            bar.update(1)
-            bar.set_postfix(depth=d, acc=f"{cell['accuracy']:.2f}")
-        bar.close()
+            bar.update(length)
+            bar.set_postfix(length=f"{length:,}", depth=d, acc=f"{cell['accuracy']:.2f}")
+    bar.close()
     cells.sort(key=lambda c: (c["length"], c["depth"]))
     return {
         "design": model.config.memory,

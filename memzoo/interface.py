@@ -28,6 +28,9 @@ Rules every design keeps (the conformance suite in ``tests/test_interface.py`` c
 * **No position overflow**: no position larger than the config allows is ever used.
 * **State in, state out**: a module never stores state on ``self`` and never modifies the state
   it was given (so a state can be reused, e.g. to ask several questions after one long context).
+* **A memory-off control**: inside :func:`memory_off` a design keeps only its local context (its
+  window, segment or recent cache), so that every result can be read beside the same model with
+  its memory switched off; only a design that keeps every token (``full``) has none.
 """
 
 from __future__ import annotations

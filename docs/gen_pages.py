@@ -829,16 +829,18 @@ def summary_section() -> str:
     def far_accuracy(cells: list, n: int) -> float | None:
         return _mean([c["accuracy"] for c in cells if c["length"] == n and c["depth"] < 1])
 
-    def with_control(v: float | None, stem: str, n: int) -> str:
+    def with_control(v: float | None, r: dict, stem: str, n: int) -> str:
         if v is None:
             return "—"
-        off = far_accuracy(controls[stem]["cells"], n) if stem in controls else None
+        control = controls.get(stem)
+        same_weights = control is not None and control.get("weights_sha256") == r.get("weights_sha256")  # a stale control is no control
+        off = far_accuracy(control["cells"], n) if same_weights else None
         return f"{v:.2f}" + (f" / {off:.2f}" if off is not None else "")
 
     rows = []
     for path, r in sorted(valid, key=lambda t: t[0].stem):
         cells = r["cells"]
-        far = [with_control(far_accuracy(cells, n), path.stem, n) for n in lengths]
+        far = [with_control(far_accuracy(cells, n), r, path.stem, n) for n in lengths]
         longest = max(c["length"] for c in cells)
         at_longest = [c for c in cells if c["length"] == longest]
         rows.append([

@@ -229,6 +229,11 @@ def results_stem(checkpoint: str | Path, design: str) -> str:
     return folder.removeprefix("passkey-") if folder.startswith(f"passkey-{design}-") else design
 
 
+def _results_file(out: str | Path, checkpoint: str | Path, design: str, *, memory_off: bool = False) -> Path:
+    """``OUT/<stem>.json`` of a checkpoint's passkey results, ``OUT/<stem>-memory-off.json`` of its control."""
+    return Path(out) / f"{results_stem(checkpoint, design)}{'-memory-off' if memory_off else ''}.json"
+
+
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: bool = False) -> dict | None:
     """Evaluate one checkpoint on the passkey grid (or its memory-off control); results JSON + heatmap.
 
@@ -238,6 +243,7 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: boo
     import torch
 
     import memzoo
+    from memzoo.interface import describe_memory_off
     from memzoo.plots import passkey_heatmap
     from memzoo.tasks.passkey_eval import describe_keys, evaluate_passkey, save_results
 
@@ -246,12 +252,12 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: boo
     name = model.config.memory
     control = {}
     if memory_off:
-        means = {m.memory_off_means for m in model.modules() if isinstance(m, memzoo.MemoryModule)}
-        if None in means:
+        means = describe_memory_off(model)
+        if means is None:
             print(f"{name}: no memory-off control (it keeps every token it was given)")
             return None
-        control = {"memory_off": True, "memory_off_means": means.pop()}
-    out_json = Path(args.out) / f"{results_stem(path, name)}{'-memory-off' if memory_off else ''}.json"
+        control = {"memory_off": True, "memory_off_means": means}
+    out_json = _results_file(args.out, path, name, memory_off=memory_off)
     weights = _weights_sha256(path)
     lengths = _lengths(args)
     kept, commands = _reusable_cells(out_json, weights, args, lengths, memory_off=memory_off) if args.resume else ([], [])
@@ -438,8 +444,7 @@ def _cmd_passkey_eval(args: argparse.Namespace) -> int:
     if results is None:
         raise ValueError(f"{args.checkpoint} keeps every token: it has no memory-off control (drop --memory-off)")
     _print_table([results])
-    stem = results_stem(args.checkpoint, results["design"]) + ("-memory-off" if args.memory_off else "")
-    print(f"wrote {Path(args.out) / stem}.json and .png")
+    print(f"wrote {_results_file(args.out, args.checkpoint, results['design'], memory_off=args.memory_off)} and .png")
     return 0
 
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .validation import check_fields
 
-__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors", "iter_tensors", "memory_off"]
+__all__ = ["MemoryState", "MemoryModule", "MemoryConfig", "map_tensors", "iter_tensors", "memory_off", "describe_memory_off"]
 
 
 def map_tensors(value: Any, fn) -> Any:
@@ -219,6 +219,19 @@ class MemoryModule(nn.Module):
         return p.device if p is not None else torch.device("cpu")
 
 
+def describe_memory_off(model: nn.Module) -> str | None:
+    """What :func:`memory_off` does to ``model`` (its designs' ``memory_off_means``), or None if a design has no control.
+
+    Raises:
+        ValueError: ``model`` holds no memzoo memory module.
+    """
+    mixers = [m for m in model.modules() if isinstance(m, MemoryModule)]
+    if not mixers:
+        raise ValueError(f"{type(model).__name__} has no memzoo memory modules: nothing to switch off")
+    means = [m.memory_off_means for m in mixers]
+    return None if None in means else "; ".join(dict.fromkeys(means))
+
+
 @contextlib.contextmanager
 def memory_off(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with every memory switched off: the control a memory's result is read beside.
@@ -236,10 +249,7 @@ def memory_off(model: nn.Module) -> Iterator[nn.Module]:
         ValueError: if a design of the model has no memory to switch off (``full`` keeps every
             token: its control is ``window`` at the budget compared).
     """
-    mixers = [m for m in model.modules() if isinstance(m, MemoryModule)]
-    if not mixers:
-        raise ValueError(f"{type(model).__name__} has no memzoo memory modules: nothing to switch off")
-    if any(m.memory_off_means is None for m in mixers):
+    if describe_memory_off(model) is None:
         design = getattr(getattr(model, "config", None), "memory", type(model).__name__)
         raise ValueError(
             f"{design!r} has no memory to switch off (it keeps every token it was given): "

@@ -1,0 +1,36 @@
+"""The comparison page's summary pairs each result with its memory-off control, and only with one of the same weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_gen_pages():
+    spec = importlib.util.spec_from_file_location("gen_pages", ROOT / "docs" / "gen_pages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(far: float, weights: str, **extra) -> dict:
+    cells = [{"length": 4096, "depth": d, "accuracy": 1.0 if d == 1 else far, "state_bytes": 1024, "tokens_per_s": 10}
+             for d in (0.0, 0.5, 1.0)]  # fmt: skip
+    return {"design": "window", "cells": cells, "weights_sha256": weights, **extra}
+
+
+def test_the_summary_shows_a_control_of_the_same_weights_only(tmp_path, monkeypatch):
+    gen = load_gen_pages()
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    (tmp_path / "passkey").mkdir()
+    (tmp_path / "passkey-control").mkdir()
+    (tmp_path / "passkey" / "window.json").write_text(json.dumps(result(0.75, "aaa")))
+    control = tmp_path / "passkey-control" / "window-memory-off.json"
+    control.write_text(json.dumps(result(0.25, "aaa", memory_off=True)))
+    assert "| 0.75 / 0.25 |" in gen.summary_section()
+    control.write_text(json.dumps(result(0.25, "bbb", memory_off=True)))  # measured on other weights: stale
+    summary = gen.summary_section()
+    assert "| 0.75 |" in summary and "0.25" not in summary

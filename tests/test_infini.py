@@ -16,6 +16,7 @@ from tolerance import assert_close
 from memzoo import MemZooConfig
 from memzoo.memories.infini import InfiniAttention, InfiniConfig, InfiniState
 from memzoo.ops.infini import (
+    MemoryRule,
     gate_mix,
     infini_attention,
     infini_attention_naive,
@@ -25,20 +26,54 @@ from memzoo.ops.infini import (
     sigma,
 )
 
-RULES = ["delta", "linear"]
+RULES = ["delta", "linear"]  # the paper's two (registry names infini and infini-linear)
+
+#: every combination the memory's rule allows: the paper's, and the additions (unit keys, no normaliser, DeltaNet)
+MEMORY_RULES = {
+    "delta": MemoryRule(),
+    "linear": MemoryRule(update_rule="linear"),
+    "delta-unnormalised": MemoryRule(normalize=False),
+    "linear-l2": MemoryRule(update_rule="linear", feature_map="silu-l2", normalize=False),
+    "delta-l2": MemoryRule(update_rule="delta", feature_map="silu-l2", normalize=False),
+    "deltanet": MemoryRule(update_rule="deltanet", feature_map="silu-l2", normalize=False),
+}
+
+#: infini-deltanet's additions one at a time, and all of them (the registry name)
+VARIANTS = {
+    "strength": dict(write_strength=True),
+    "conv": dict(conv_kernel=4),
+    "add": dict(mix="add"),
+    "deltanet": dict(update_rule="deltanet", feature_map="silu-l2", normalize=False),
+    "infini-deltanet": dict(update_rule="deltanet", feature_map="silu-l2", normalize=False, write_strength=True, conv_kernel=4, mix="add"),
+}
 
 
 def make_module(segment_len: int = 8, d_model: int = 32, n_heads: int = 2, dtype=torch.float32, **knobs) -> InfiniAttention:
     torch.manual_seed(0)
     module = InfiniConfig(segment_len=segment_len, **knobs).build_module(MemZooConfig(d_model=d_model, n_heads=n_heads), 0)
     with torch.no_grad():
-        module.beta.copy_(torch.randn(n_heads))  # a gate away from 0.5, so that a swapped mix would show
+        if module.beta is not None:
+            module.beta.copy_(torch.randn(n_heads))  # a gate away from 0.5, so that a swapped mix would show
+        for extra in (module.mem_out, module.strength):
+            if extra is not None:  # away from their init (0, 0.5): a wrong path would show
+                for p in extra.parameters():
+                    p.normal_(std=0.3)
+        if module.conv is not None:
+            module.conv.normal_(std=0.3)
     return module.to(dtype)
 
 
 def split_heads(module: InfiniAttention, x: torch.Tensor):
-    """q, k, v [b, h, n, k] exactly as the module makes them."""
-    return rearrange(module.qkv(x), "b n (three h k) -> three b h n k", three=3, h=module.n_heads)
+    """q, k, v [b, h, n, k] exactly as the module makes them (from a stream's start)."""
+    return module._project(x, module.init_state(x.shape[0], dtype=x.dtype))[:3]
+
+
+def project_out(module: InfiniAttention, a: torch.Tensor) -> torch.Tensor:
+    """The module's output projection of the heads' reads a [b, h, n, v] (or [..., 2v] without a gate)."""
+    if module.mem_out is None:
+        return module.out(rearrange(a, "b h n v -> b n (h v)"))
+    a_dot, a_mem = a.chunk(2, dim=-1)
+    return module.out(rearrange(a_dot, "b h n v -> b n (h v)")) + module.mem_out(rearrange(a_mem, "b h n v -> b n (h v)"))
 
 
 def run(module: InfiniAttention, x: torch.Tensor, cuts=(), state=None):
@@ -58,38 +93,46 @@ def qkv(b=2, h=2, n=67, k=8, seed=0, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------- op: naive vs batched
-@pytest.mark.parametrize("rule", RULES)
-def test_op_batched_matches_naive(rule):
-    """8 complete segments plus a 3-token tail, from an empty and from a non-empty memory (fp32).
+@pytest.mark.parametrize("strength", [False, True], ids=["b=1", "b_t"])
+@pytest.mark.parametrize("name", MEMORY_RULES)
+def test_op_batched_matches_naive(name, strength):
+    """8 complete segments plus a 3-token tail, from an empty and from a non-empty memory (fp32), with
+    the gate and without it (the two reads side by side), every token writing with strength 1 or b_t.
 
-    The memory is one running sum over the 64 written tokens (the delta rule subtracts what M already
-    returns, which damps earlier rounding rather than compounding it): n = 64, depth 1.
+    The memory is one running sum over the 64 written tokens (the delta rules subtract what M already
+    returns, which damps earlier rounding rather than compounding it; DeltaNet's triangular solve is
+    a reduction over the segment's 8 tokens per write): n = 64, depth 1.
     """
+    rule = MEMORY_RULES[name]
     q, k, v = qkv(n=8 * 8 + 3)
     beta = torch.randn(2, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
+    b = torch.rand(2, 2, 8 * 8 + 3, generator=g) if strength else None
     empty = (torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8))
     full = (torch.randn(2, 2, 8, 8, generator=g), torch.rand(2, 2, 8, generator=g) * 50 + 1)
     for M0, z0 in (empty, full):
-        ref, M_ref, z_ref = infini_attention_naive(q, k, v, M0, z0, beta, segment_len=8, delta=rule == "delta")
-        out, M, z = infini_attention(q, k, v, M0, z0, beta, segment_len=8, delta=rule == "delta")
-        assert_close(out, ref, n=64)
-        assert_close(M, M_ref, n=64, scale="max")  # sums of 64 outer products: they cancel
-        assert_close(z, z_ref, n=64)  # sums of positive terms: relative
+        for gate in (beta, None):
+            ref, M_ref, z_ref = infini_attention_naive(q, k, v, M0, z0, gate, segment_len=8, rule=rule, strength=b)
+            out, M, z = infini_attention(q, k, v, M0, z0, gate, segment_len=8, rule=rule, strength=b)
+            assert out.shape[-1] == (8 if gate is not None else 16)
+            assert_close(out, ref, n=64)
+            assert_close(M, M_ref, n=64, scale="max")  # sums of 64 outer products: they cancel
+            assert_close(z, z_ref, n=64, scale="max")  # sums of positive terms (ELU + 1), or of either sign (SiLU-L2)
 
 
 # ------------------------------------------------------------------------- module vs naive
-@pytest.mark.parametrize("rule", RULES)
-def test_module_matches_naive_over_8_segments(rule):
+@pytest.mark.parametrize("knobs", [dict(update_rule=r) for r in RULES] + list(VARIANTS.values()), ids=RULES + list(VARIANTS))
+def test_module_matches_naive_over_8_segments(knobs):
     """One call, random cuts and token-by-token all equal the naive reference (fp32, to rounding: one
-    layer whose longest reduction is the memory's sum over the 64 written tokens)."""
-    module = make_module(update_rule=rule)
+    layer whose longest reduction is the memory's sum over the 64 written tokens). The conv's left
+    context and the buffered write strengths cross the cuts with the state."""
+    module = make_module(**knobs)
     x = torch.randn(2, 8 * 8, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        q, k, v = split_heads(module, x)
         state = module.init_state(2)
-        a, M_ref, z_ref = infini_attention_naive(q, k, v, state.M, state.z, module.beta, segment_len=8, delta=rule == "delta")
-        expected = module.out(rearrange(a, "b h n v -> b n (h v)"))
+        q, k, v, b, _ = module._project(x, state)
+        a, M_ref, z_ref = infini_attention_naive(q, k, v, state.M, state.z, module.beta, segment_len=8, rule=module.rule, strength=b)
+        expected = project_out(module, a)
         for cuts in ([], [3, 5, 11, 16, 17, 30, 41, 50, 63], list(range(1, 24))):
             y, state = run(module, x, cuts)
             assert_close(y, expected, n=64)
@@ -116,8 +159,8 @@ def test_delta_rule_writing_the_same_pair_twice_leaves_M_unchanged():
     g = torch.Generator().manual_seed(5)
     k, v = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
     M0, z0 = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)
-    M1, z1 = memory_write(k, v, M0, z0, delta=True)
-    M2, z2 = memory_write(k, v, M1, z1, delta=True)
+    M1, z1 = memory_write(k, v, M0, z0)
+    M2, z2 = memory_write(k, v, M1, z1)
     # bit for bit: from an empty memory the read is exactly 0, so each entry of M1 is 0 + one product
     # and z1 is 0 + s(k); z2 = s(k) + s(k) = 2 z1 (doubling is exact)
     torch.testing.assert_close(M1, einsum(sigma(k[:, :, 0]), v[:, :, 0], "b h k, b h v -> b h k v"), atol=0, rtol=0)
@@ -125,7 +168,7 @@ def test_delta_rule_writing_the_same_pair_twice_leaves_M_unchanged():
     # the second write adds s(k)^T (v - read), and the read of v is v only to rounding: a sum over
     # the 8 key dims, added to entries of M1's size (1 ulp of max|M1| already)
     assert_close(M2, M1, n=8, scale="max")
-    M2_linear, _ = memory_write(k, v, M1, z1, delta=False)
+    M2_linear, _ = memory_write(k, v, M1, z1, MemoryRule(update_rule="linear"))
     assert not torch.allclose(M2_linear, M1)  # the linear rule would double it
 
 
@@ -151,21 +194,102 @@ def test_first_segment_is_the_gated_local_attention():
         torch.testing.assert_close(y, module.out(rearrange(a, "b h n v -> b n (h v)")), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_gradcheck_float64_through_3_segments(rule):
-    """Gradients w.r.t. the input and the gates, through the memory and the partial-segment buffer."""
-    module = make_module(segment_len=3, d_model=8, n_heads=2, dtype=torch.float64, update_rule=rule)
-    x = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
-    beta = module.beta.detach().clone().requires_grad_()
+def test_deltanet_writing_the_same_pair_twice_leaves_M_unchanged():
+    """A unit key written with strength 1 is stored exactly (k k^T = 1), so writing it again adds nothing."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 1, 8, generator=g), torch.randn(1, 2, 1, 8, generator=g)
+    rule = MEMORY_RULES["deltanet"]
+    M1, z1 = memory_write(k, v, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8), rule)
+    assert_close(memory_read(k, M1, z1, rule), v, n=8)  # a sum over the 8 key dims of a unit key
+    M2, _ = memory_write(k, v, M1, z1, rule)
+    assert_close(M2, M1, n=8, scale="max")
+    # two tokens of one segment with the same key: the second sees the first (token by token), so
+    # the pair is still stored once; the paper's delta rule, from the segment's start, writes it twice
+    kk, vv = k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1)
+    M_net, _ = memory_write(kk, vv, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8), rule)
+    assert_close(M_net, M1, n=8, scale="max")
+    M_paper, _ = memory_write(kk, vv, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8), MEMORY_RULES["delta-l2"])
+    assert_close(M_paper, 2 * M1, n=8, scale="max")
 
-    def outputs(x, beta):  # fed as 4 + 5 tokens, so the partial-segment buffer is on the path too
+
+def _fact_through_filler(rule: MemoryRule, n_filler_segments: int) -> float:
+    """Cosine between the needle's value and the read of its key after repeated filler (one head).
+
+    The filler is one 16-token "sentence" repeated, as the passkey filler is; the needle is one
+    unique pair written first. Keys are random on disjoint halves of the 32 dims (0 elsewhere): keys
+    a model could learn to keep apart. SiLU(0) = 0 keeps their features orthogonal; ELU(0) + 1 = 1
+    makes every ELU + 1 feature overlap every other.
+    """
+    g = torch.Generator().manual_seed(6)
+    needle_k, needle_v = torch.zeros(1, 1, 1, 32), torch.randn(1, 1, 1, 32, generator=g)
+    filler_k, filler_v = torch.zeros(1, 1, 16, 32), torch.randn(1, 1, 16, 32, generator=g)
+    needle_k[..., 16:] = torch.randn(16, generator=g)
+    filler_k[..., :16] = torch.randn(16, 16, generator=g)
+    M, z = memory_write(needle_k, needle_v, torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32), rule)
+    for _ in range(n_filler_segments):
+        M, z = memory_write(filler_k, filler_v, M, z, rule)
+    read = memory_read(needle_k, M, z, rule)
+    return float(torch.nn.functional.cosine_similarity(read.flatten(), needle_v.flatten(), dim=0))
+
+
+def test_deltanet_keeps_a_fact_through_repeated_filler_where_the_paper_forgets_it():
+    """After 1,000 repetitions of the filler, unit SiLU-L2 keys still return the needle's value; the
+    paper's normalised ELU + 1 read returns mostly filler (its keys overlap and z grows with every token)."""
+    assert _fact_through_filler(MEMORY_RULES["deltanet"], 1000) > 0.99
+    assert _fact_through_filler(MEMORY_RULES["delta"], 1000) < 0.5
+    assert _fact_through_filler(MEMORY_RULES["linear"], 1000) < 0.5
+
+
+def test_deltanet_memory_stays_bounded_over_many_writes():
+    """Unit keys and strengths in (0, 1): every token's step is a contraction towards its pair, so
+    ||M|| stays at the values' scale; the paper's delta rule with unit keys and no normaliser
+    overshoots when a segment repeats a key (each token writes the same correction)."""
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(1, 1, 200 * 16, 8, generator=g), torch.randn(1, 1, 200 * 16, 8, generator=g)
+    k[:, :, ::2] = k[:, :, :1]  # every other token has the same key
+    b = torch.rand(1, 1, 200 * 16, generator=g)
+    M0, z0 = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8)
+    M, z = M0, z0
+    for i in range(200):
+        sl = slice(16 * i, 16 * (i + 1))
+        M, z = memory_write(k[:, :, sl], v[:, :, sl], M, z, MEMORY_RULES["deltanet"], b[:, :, sl])
+    assert torch.isfinite(M).all() and M.norm() < 10 * v.norm(dim=-1).max()
+    _, M_paper, _ = infini_attention(
+        k, k, v, M0, z0, None, segment_len=16, rule=MEMORY_RULES["delta-l2"], strength=b
+    )  # the same writes under the paper's rule
+    assert not (torch.isfinite(M_paper).all() and M_paper.norm() < 10 * v.norm(dim=-1).max())
+
+
+def test_add_mix_starts_as_local_attention_exactly():
+    """infini-deltanet as built: the memory's output is 0 and the conv the identity, so a model
+    warm-started from a softmax backbone is its local attention, whatever the memory holds."""
+    module = InfiniConfig(segment_len=8, **VARIANTS["infini-deltanet"]).build_module(MemZooConfig(d_model=32, n_heads=2), 0)
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        y, state = run(module, x, cuts=[13])
+        q, k, v = rearrange(module.qkv(x), "b n (three h k) -> three b h n k", three=3, h=2)  # no conv: identity
+        a_dot = torch.cat([local_attention(*(t[:, :, s : s + 8] for t in (q, k, v))) for s in range(0, 40, 8)], dim=2)
+    assert state.M.abs().sum() > 0  # the memory was written, and is not heard yet
+    assert_close(y, module.out(rearrange(a_dot, "b h n v -> b n (h v)")), n=32)
+
+
+@pytest.mark.parametrize("knobs", [dict(update_rule=r) for r in RULES] + list(VARIANTS.values()), ids=RULES + list(VARIANTS))
+def test_gradcheck_float64_through_3_segments(knobs):
+    """Gradients w.r.t. the input and the memory's own parameters (gate, memory output, write
+    strength, conv), through the memory and the partial-segment buffer."""
+    module = make_module(segment_len=3, d_model=8, n_heads=2, dtype=torch.float64, **knobs)
+    x = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in module.named_parameters() if n.split(".")[0] in ("beta", "mem_out", "strength", "conv")]
+    params = [module.get_parameter(n).detach().clone().requires_grad_() for n in names]
+
+    def outputs(x, *params):  # fed as 4 + 5 tokens, so the partial-segment buffer is on the path too
         state, ys = module.init_state(1, dtype=torch.float64), []
         for piece in (x[:, :4], x[:, 4:]):
-            y, state = torch.func.functional_call(module, {"beta": beta}, (piece, state))
+            y, state = torch.func.functional_call(module, dict(zip(names, params)), (piece, state))
             ys.append(y)
         return torch.cat(ys, dim=1)
 
-    assert torch.autograd.gradcheck(outputs, (x, beta))
+    assert torch.autograd.gradcheck(outputs, (x, *params))
 
 
 # ------------------------------------------------------------------------- state
@@ -182,6 +306,19 @@ def test_nbytes_formula(dtype):
             state = module(torch.randn(b, n, h * k), state)[1]  # fp32 activations, a bf16 buffer
             assert state.nbytes() == expected
     assert state.M.dtype == state.z.dtype == torch.float32
+
+
+def test_nbytes_formula_with_the_additions():
+    """write_strength adds b*h*s (the buffered strengths), conv_kernel b*(kernel - 1)*3d (its context)."""
+    b, h, k, s = 3, 2, 16, 8
+    module = make_module(segment_len=s, d_model=h * k, n_heads=h, **VARIANTS["infini-deltanet"])
+    state = module.init_state(b)
+    expected = b * h * (k * k + k) * 4 + b * h * s * 2 * k * 4 + b * h * s * 4 + b * 3 * 3 * h * k * 4
+    assert state.nbytes() == expected
+    with torch.no_grad():
+        for n in (5, 8, 13, 1):
+            state = module(torch.randn(b, n, h * k), state)[1]
+            assert state.nbytes() == expected
 
 
 def test_bf16_autocast_keeps_memory_maths_in_fp32():
@@ -226,16 +363,32 @@ def test_config_knobs_reach_the_module():
 
     model = memzoo.build("infini-linear", d_model=32, n_layers=2, n_heads=2, gate_init=-2.0, gate_lr_mult=5.0, gate_weight_decay=0.01)
     mixer = model.blocks[1].mixer
-    assert isinstance(mixer, InfiniAttention) and not mixer.delta
+    assert isinstance(mixer, InfiniAttention) and mixer.rule.update_rule == "linear"
     assert torch.equal(mixer.beta.data, torch.full((2,), -2.0))  # survives the backbone's generic init
     assert mixer.optim_overrides == {"beta": {"lr_mult": 5.0, "weight_decay": 0.01}}
-    assert memzoo.build("infini").blocks[0].mixer.delta
+    assert memzoo.build("infini").blocks[0].mixer.rule == MemoryRule()  # the paper's, unchanged
+    net = memzoo.build("infini-deltanet", d_model=32, n_layers=2, n_heads=2).blocks[0].mixer
+    assert net.beta is None and net.optim_overrides == {}
+    assert torch.equal(net.mem_out.weight, torch.zeros(32, 32)) and torch.equal(net.conv, torch.zeros(96, 4))  # survive the generic init
     assert isinstance(model.init_state(1).layers[0], InfiniState)
 
 
-@pytest.mark.parametrize("bad", [dict(segment_len=0), dict(update_rule="deltas"), dict(detach_every=-1), dict(gate_lr_mult=-1.0)])
-def test_bad_config_values(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (dict(segment_len=0), "segment_len"),
+        (dict(update_rule="deltas"), "update_rule"),
+        (dict(detach_every=-1), "detach_every"),
+        (dict(gate_lr_mult=-1.0), "gate_lr_mult"),
+        (dict(feature_map="relu"), "feature_map"),
+        (dict(feature_map="silu-l2"), "normalize to false"),
+        (dict(update_rule="deltanet", normalize=False), "feature_map to 'silu-l2'"),
+        (dict(conv_kernel=1), "conv_kernel"),
+        (dict(mix="sum"), "mix"),
+    ],
+)
+def test_bad_config_values(bad, says):
+    with pytest.raises(ValueError, match=says):
         InfiniConfig(**bad)
 
 

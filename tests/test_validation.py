@@ -38,7 +38,7 @@ FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
         (lambda: memzoo.build("titans-lmm", stop_inner_grad="no"), "stop_inner_grad must be a bool, got 'no'"),
         (lambda: memzoo.build("window", budget=True), "budget must be an int, got True"),
         (lambda: memzoo.build("titans-mac", max_lr=float("inf")), "max_lr must be a finite number, got inf"),
-        (lambda: memzoo.build("infini", update_rule="deltanet"), "update_rule must be one of 'delta', 'linear'"),
+        (lambda: memzoo.build("infini", update_rule="gated"), "update_rule must be one of 'delta', 'linear', 'deltanet'"),
         (lambda: TrainConfig(lr=float("inf")), "TrainConfig.lr must be a finite number"),
         (lambda: TrainConfig(betas=(0.9, 1.0)), r"betas\[1\] must be < 1"),
         (lambda: EvolutionConfig(popsize=1), "popsize must be >= 2"),

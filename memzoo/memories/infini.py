@@ -1,6 +1,10 @@
 """Infini-attention: local softmax attention plus a compressive linear memory per head.
 
-``infini`` (delta rule) and ``infini-linear`` (linear rule). Q/K/V are shared by the two paths:
+``infini`` (delta rule) and ``infini-linear`` (linear rule) are the paper's; ``infini-deltanet``
+keeps its segments and local attention and gives the memory what the linear-RNN literature shows
+makes such a memory retrieve (unit keys, DeltaNet's token-by-token delta rule without a growing
+normaliser, a per-token write strength, a short causal conv on q/k/v, and a zero-initialised
+memory output instead of the gate: see :class:`InfiniConfig`). Q/K/V are shared by the two paths:
 inside each segment of ``segment_len`` stream tokens, causal softmax attention with RoPE on
 segment-local positions; across segments, a per-head associative matrix ``M`` [k, v] and
 normaliser ``z`` [k] read with ``s(Q) M / (s(Q) z)`` (``s = ELU + 1``, no positions); a learned
@@ -32,13 +36,15 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..interface import MemoryConfig, MemoryModule, MemoryState
-from ..ops.infini import gate_mix, infini_attention, local_attention, memory_read, memory_write
+from ..ops.conv import causal_conv
+from ..ops.infini import FEATURE_MAPS, UPDATE_RULES, MemoryRule, gate_mix, infini_attention, local_attention, memory_read, memory_write
 from ..registry import register
 from ..validation import bounds
 
-__all__ = ["InfiniConfig", "InfiniState", "InfiniAttention", "UPDATE_RULES"]
+__all__ = ["InfiniConfig", "InfiniState", "InfiniAttention", "UPDATE_RULES", "FEATURE_MAPS", "MIXES"]
 
-UPDATE_RULES = ("delta", "linear")
+#: how the memory read joins local attention: the paper's gate, or added through its own projection
+MIXES = ("gate", "add")
 
 
 # ---------------------------------------------------------------------------------- config
@@ -46,11 +52,16 @@ UPDATE_RULES = ("delta", "linear")
 class InfiniConfig(MemoryConfig):
     """Infini-attention's knobs (defaults: the paper's method at CPU scale, an early prototype's gate recipe).
 
+    The first six are the paper's design; ``feature_map`` to ``mix`` are documented additions
+    (off by default, all on in ``infini-deltanet``), so ``infini`` stays the paper as written.
+
     Attributes:
         segment_len: s, tokens per segment. The paper uses 2048; 256 keeps the local attention
             cheap on a CPU and is what an early prototype learned passkey with.
-        update_rule: ``"delta"`` (paper's Linear + Delta: write only what the memory does not
-            already return for a key) or ``"linear"`` (M += s(K)^T V).
+        update_rule: ``"delta"`` (paper's Linear + Delta: write only what the memory of the
+            segment's start does not already return for a key), ``"linear"`` (M += s(K)^T V) or
+            ``"deltanet"`` (the delta rule token by token, each write seeing the one before:
+            DeltaNet's; needs ``feature_map="silu-l2"`` and ``normalize=False``).
         gate_init: initial beta of every head. 0 gives sigmoid(0) = 0.5, an even mix of memory
             and local attention, where sigmoid's slope (so the gradient reaching beta) is
             largest; an early prototype learned with it. A negative value starts local-first.
@@ -62,6 +73,20 @@ class InfiniConfig(MemoryConfig):
         detach_every: cut the memory's autograd graph every this many segments of the stream
             (0 = never: back-propagation through the memory across all segments of a call and
             of the calls the caller did not detach). Outputs are unaffected.
+        feature_map: the memory path's features of q and k: ``"elu+1"`` (the paper's, all
+            positive, so every key overlaps every other) or ``"silu-l2"`` (SiLU then unit norm:
+            DeltaNet's, keys that can be orthogonal).
+        normalize: divide the read by ``s(q) z`` (the paper). ``z`` grows with every token, so a
+            fact written once fades as ~1/T; ``"silu-l2"`` needs false (its ``s(q) z`` can be 0).
+        write_strength: a per-token write strength ``b_t = sigmoid(w_h . x_t + c_h)`` per head
+            (DeltaNet's beta; ARMT's write gate), so filler can be written weakly and a fact
+            strongly. Off: every token writes with strength 1 (the paper).
+        conv_kernel: taps of a causal depthwise conv on q, k and v after their projection (0:
+            none, the paper). Initialised to the identity, so a warm start is unchanged.
+        mix: ``"gate"`` (the paper's ``sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot``) or
+            ``"add"``: ``W_O A_dot + W_mem A_mem`` with ``W_mem`` initialised to 0, so a model
+            warm-started from a softmax backbone is exactly local attention until the memory
+            earns its place (a gate at 0.5 halves the local path from the first step).
     """
 
     segment_len: int = field(default=256, metadata=bounds(ge=1))
@@ -70,6 +95,22 @@ class InfiniConfig(MemoryConfig):
     gate_lr_mult: float = field(default=10.0, metadata=bounds(ge=0))
     gate_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     detach_every: int = field(default=0, metadata=bounds(ge=0))
+    feature_map: str = field(default="elu+1", metadata=bounds(choices=FEATURE_MAPS))
+    normalize: bool = True
+    write_strength: bool = False
+    conv_kernel: int = field(default=0, metadata=bounds(ge=0))
+    mix: str = field(default="gate", metadata=bounds(choices=MIXES))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _ = self.rule  # MemoryRule checks the combination and says what to change
+        if self.conv_kernel == 1:
+            raise ValueError("conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
+
+    @property
+    def rule(self) -> MemoryRule:
+        """The memory's update rule, feature map and normaliser, for :mod:`memzoo.ops.infini`."""
+        return MemoryRule(update_rule=self.update_rule, feature_map=self.feature_map, normalize=self.normalize)
 
     def build_module(self, backbone, layer_idx: int) -> InfiniAttention:
         return InfiniAttention(backbone.d_model, backbone.n_heads, self, rope_theta=backbone.rope_theta)
@@ -85,6 +126,14 @@ def infini_linear() -> InfiniConfig:
     return InfiniConfig(update_rule="linear")
 
 
+@register("infini-deltanet")
+def infini_deltanet() -> InfiniConfig:
+    """Infini's segments and local attention with a memory that retrieves (DeltaNet, Gated DeltaNet, ARMT)."""
+    return InfiniConfig(
+        update_rule="deltanet", feature_map="silu-l2", normalize=False, write_strength=True, conv_kernel=4, mix="add"
+    )
+
+
 # ---------------------------------------------------------------------------------- state
 @dataclass
 class InfiniState(MemoryState):
@@ -93,14 +142,18 @@ class InfiniState(MemoryState):
     ``nbytes() = b*h*(k*v + k)*m + b*h*s*(k + v)*e``, where ``m`` is the memory's itemsize (4:
     fp32, or 8 for fp64) and ``e`` the buffer's (the state dtype's, 4 by default). With the
     defaults (fp32, k = v) that is ``4*b*h*k*(k + 1 + 2*s)`` bytes per layer, whatever the length
-    of the stream.
+    of the stream. ``write_strength`` adds ``b*h*s*e`` (the buffered strengths) and
+    ``conv_kernel`` ``b*(conv_kernel - 1)*3d*e`` (the conv's left context).
 
     Attributes:
         M: [b, h, k, v] memory, fp32 (fp64 if the state is fp64), even under bf16 autocast.
-        z: [b, h, k] normaliser (sum of s(K) over written tokens), same dtype as M.
+        z: [b, h, k] normaliser (sum of s(K) over written tokens, weighted by their strengths),
+            same dtype as M; kept but not read when ``normalize`` is false.
         keys: [b, h, s, k] un-rotated keys of the unfinished segment, slots [0, fill).
         values: [b, h, s, v] its values.
         position: stream tokens seen so far.
+        strengths: [b, h, s] the unfinished segment's write strengths (``write_strength`` only).
+        conv: [b, conv_kernel - 1, 3d] the last q/k/v projections before the conv (``conv_kernel`` only).
     """
 
     M: Tensor
@@ -108,6 +161,8 @@ class InfiniState(MemoryState):
     keys: Tensor
     values: Tensor
     position: int = 0
+    strengths: Tensor | None = None
+    conv: Tensor | None = None
 
     @property
     def fill(self) -> int:
@@ -126,48 +181,83 @@ class InfiniAttention(MemoryModule):
         rope_theta: RoPE base of the local attention.
 
     Attributes:
-        beta: [h] gate logits; ``sigmoid(beta)`` is the weight of the memory read.
+        beta: [h] gate logits; ``sigmoid(beta)`` is the weight of the memory read (``mix="gate"``).
+        mem_out: ``Linear(d -> d)``, zero at init, the memory read's projection (``mix="add"``).
+        strength: ``Linear(d -> h)``, the per-token write strengths' logits (``write_strength``).
+        conv: [3d, conv_kernel] the depthwise conv's taps minus the identity (the last tap, the
+            token itself, is ``1 + conv[:, -1]``), zero at init (``conv_kernel``).
         optim_overrides: ``{"beta": {"lr_mult": ..., "weight_decay": ...}}`` from the config, for
             :func:`memzoo.training.param_groups.param_groups`.
 
-    Reference: Munkhdalai et al., "Leave No Context Behind" (arXiv 2404.07143), section 2.1.
+    Reference: Munkhdalai et al., "Leave No Context Behind" (arXiv 2404.07143), section 2.1;
+    DeltaNet (arXiv 2406.06484) for the additions.
     """
 
     def __init__(self, d_model: int, n_heads: int, config: InfiniConfig, rope_theta: float = 10000.0):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.config = config
+        self.rule = config.rule
         self.segment_len = config.segment_len
-        self.delta = config.update_rule == "delta"
         self.rope_theta = rope_theta
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        self.beta = nn.Parameter(torch.full((n_heads,), float(config.gate_init)))
-        self.optim_overrides = {"beta": {"lr_mult": config.gate_lr_mult, "weight_decay": config.gate_weight_decay}}
+        self.beta = nn.Parameter(torch.empty(n_heads)) if config.mix == "gate" else None
+        self.mem_out = nn.Linear(d_model, d_model, bias=False) if config.mix == "add" else None
+        self.strength = nn.Linear(d_model, n_heads) if config.write_strength else None
+        self.conv = nn.Parameter(torch.empty(3 * d_model, config.conv_kernel)) if config.conv_kernel else None
+        self.optim_overrides = {}
+        if self.beta is not None:
+            self.optim_overrides["beta"] = {"lr_mult": config.gate_lr_mult, "weight_decay": config.gate_weight_decay}
+        self.reset_memory_parameters()
 
     @property
     def memory_off_means(self) -> str:
         return "the compressive memory is never written: every segment reads an empty memory (local attention unchanged)"
 
     def reset_memory_parameters(self) -> None:
-        nn.init.constant_(self.beta, self.config.gate_init)
+        """The gate at ``gate_init``, the memory output at 0, the conv at the identity (its offset at 0)."""
+        if self.beta is not None:
+            nn.init.constant_(self.beta, self.config.gate_init)
+        if self.mem_out is not None:
+            nn.init.zeros_(self.mem_out.weight)
+        if self.conv is not None:
+            nn.init.zeros_(self.conv)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> InfiniState:
         device = self._default_device(device)
         dtype = dtype or self.qkv.weight.dtype
         mem_dtype = torch.promote_types(dtype, torch.float32)  # memory maths never below fp32
         b, h, k, s = batch_size, self.n_heads, self.head_dim, self.segment_len
+
+        def zeros(*shape, dt=dtype):
+            return torch.zeros(*shape, device=device, dtype=dt)
+
         return InfiniState(
-            M=torch.zeros(b, h, k, k, device=device, dtype=mem_dtype),
-            z=torch.zeros(b, h, k, device=device, dtype=mem_dtype),
-            keys=torch.zeros(b, h, s, k, device=device, dtype=dtype),
-            values=torch.zeros(b, h, s, k, device=device, dtype=dtype),
+            M=zeros(b, h, k, k, dt=mem_dtype),
+            z=zeros(b, h, k, dt=mem_dtype),
+            keys=zeros(b, h, s, k),
+            values=zeros(b, h, s, k),
+            strengths=zeros(b, h, s) if self.strength is not None else None,
+            conv=zeros(b, self.config.conv_kernel - 1, 3 * h * k) if self.conv is not None else None,
         )
 
+    def _project(self, x: Tensor, state: InfiniState) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """q, k, v [b, h, n, k], write strengths [b, h, n] (or None) and the conv's next context."""
+        p, conv = self.qkv(x), None
+        if self.conv is not None:
+            taps = torch.cat([self.conv[:, :-1], self.conv[:, -1:] + 1.0], dim=1)  # identity + learned offset
+            p, conv = causal_conv(p, state.conv, taps)
+        q, k, v = rearrange(p, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
+        strength = None
+        if self.strength is not None:
+            strength = rearrange(torch.sigmoid(self.strength(x)), "b n h -> b h n")
+        return q, k, v, strength, conv
+
     def forward(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
-        q, k, v = rearrange(self.qkv(x), "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
-        n, S = x.shape[1], self.segment_len
-        M, z, keys, values, pos = state.M, state.z, state.keys, state.values, state.position
+        q, k, v, strength, conv = self._project(x, state)
+        n, S, rule = x.shape[1], self.segment_len, self.rule
+        M, z, keys, values, strengths, pos = state.M, state.z, state.keys, state.values, state.strengths, state.position
         outs, i = [], 0
         if pos % S:  # finish the unfinished segment first: its earlier tokens are in the buffer
             f = pos % S
@@ -175,11 +265,13 @@ class InfiniAttention(MemoryModule):
             # out-of-place writes: the caller's state stays valid (and autograd sees no in-place op)
             keys = keys.slice_scatter(k[:, :, :i].to(keys.dtype), dim=2, start=f, end=f + i)
             values = values.slice_scatter(v[:, :, :i].to(values.dtype), dim=2, start=f, end=f + i)
+            if strengths is not None:
+                strengths = strengths.slice_scatter(strength[:, :, :i].to(strengths.dtype), dim=2, start=f, end=f + i)
             a_dot = local_attention(q[:, :, :i], keys[:, :, : f + i].to(q.dtype), values[:, :, : f + i], rope_theta=self.rope_theta)
-            outs.append(gate_mix(memory_read(q[:, :, :i], M, z), a_dot, self.beta))
+            outs.append(gate_mix(memory_read(q[:, :, :i], M, z, rule), a_dot, self.beta))
             pos += i
             if pos % S == 0 and not self.memory_off:
-                M, z = memory_write(keys, values, M, z, delta=self.delta)
+                M, z = memory_write(keys, values, M, z, rule, strengths)
                 M, z = self._maybe_detach(M, z, pos // S)
         if i < n:  # the rest starts at a segment boundary: batched over its complete segments
             a, M, z = infini_attention(
@@ -190,7 +282,8 @@ class InfiniAttention(MemoryModule):
                 z,
                 self.beta,
                 segment_len=S,
-                delta=self.delta,
+                rule=rule,
+                strength=None if strength is None else strength[:, :, i:],
                 rope_theta=self.rope_theta,
                 detach_every=self.config.detach_every,
                 segments_done=pos // S,
@@ -202,8 +295,18 @@ class InfiniAttention(MemoryModule):
             if tail:  # keep the new unfinished segment for the next call
                 keys = keys.slice_scatter(k[:, :, n - tail :].to(keys.dtype), dim=2, start=0, end=tail)
                 values = values.slice_scatter(v[:, :, n - tail :].to(values.dtype), dim=2, start=0, end=tail)
-        y = rearrange(torch.cat(outs, dim=2).to(x.dtype), "b h n v -> b n (h v)")
-        return self.out(y), InfiniState(M=M, z=z, keys=keys, values=values, position=pos)
+                if strengths is not None:
+                    strengths = strengths.slice_scatter(strength[:, :, n - tail :].to(strengths.dtype), dim=2, start=0, end=tail)
+        a = torch.cat(outs, dim=2).to(x.dtype)
+        if self.mem_out is None:
+            y = self.out(rearrange(a, "b h n v -> b n (h v)"))
+        else:  # [A_dot | A_mem] per head: each through its own projection
+            a_dot, a_mem = a.chunk(2, dim=-1)
+            y = self.out(rearrange(a_dot, "b h n v -> b n (h v)")) + self.mem_out(rearrange(a_mem, "b h n v -> b n (h v)"))
+        if conv is not None:
+            conv = conv.to(state.conv.dtype)
+        new = InfiniState(M=M, z=z, keys=keys, values=values, position=pos, strengths=strengths, conv=conv)
+        return y, new
 
     def _maybe_detach(self, M: Tensor, z: Tensor, segments_done: int) -> tuple[Tensor, Tensor]:
         every = self.config.detach_every

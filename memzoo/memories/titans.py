@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..model import RMSNorm
 from ..ops.attention import attend, causal_mask
+from ..ops.conv import causal_conv
 from ..ops.rope import apply_rope
 from ..ops.titans import at_least_fp32, memory_read, mlp_shapes, titans_chunked
 from ..registry import register
@@ -464,11 +465,8 @@ class NeuralMemory(nn.Module):
         Returns:
             [b, n, C] and the next context.
         """
-        p = F.linear(x, self.qkv.weight[rows])  # [b, n, C]
-        full = torch.cat([context.to(p.dtype), p], dim=1)  # [b, kernel - 1 + n, C]
-        taps = self.conv[rows].to(p.dtype)
-        y = F.conv1d(rearrange(full, "b n c -> b c n"), taps[:, None, :], groups=taps.shape[0])  # [b, C, n]
-        return F.silu(rearrange(y, "b c n -> b n c")), full[:, full.shape[1] - context.shape[1] :]
+        y, context = causal_conv(F.linear(x, self.qkv.weight[rows]), context, self.conv[rows])
+        return F.silu(y), context
 
     def queries(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         """l2-normalised queries only (MAC's retrieval from x): [b, h, n, k], next conv context [b, kernel - 1, d]."""

@@ -10,6 +10,24 @@ compressive memory as it was at the segment's start, ``A_mem = s(Q) M / (s(Q) z)
 
 and the two reads are mixed per head: ``A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot``.
 
+That is the paper, and the default :class:`MemoryRule`. The rule's other settings are what the
+linear-RNN literature shows makes such a memory retrieve (DeltaNet, Yang et al. 2024, arXiv
+2406.06484; Gated DeltaNet, arXiv 2412.06464):
+
+- ``feature_map="silu-l2"``: ``phi(x) = SiLU(x) / ||SiLU(x)||`` instead of ELU + 1. Unit keys make
+  a write to one key disturb the others only through their overlap; ELU + 1 features are all
+  positive, so every key overlaps every other one.
+- ``normalize=False``: the read is ``phi(Q) M`` (and the delta rule subtracts ``phi(K) M``): no
+  ``z`` that grows with every token, so a fact written once is not diluted as ~1/T.
+- ``update_rule="deltanet"``: the delta rule token by token, ``M_t = M_{t-1} + b_t phi(k_t)^T (v_t -
+  phi(k_t) M_{t-1})``; with unit keys and ``b_t`` in (0, 1) every step is a contraction towards
+  the new pair, so ``M`` stays bounded over any number of writes. The paper's delta rule
+  subtracts what the memory of the segment's *start* returns, so 256 tokens with one key write
+  256 times the same correction. A segment is written at once through the triangular system
+  ``(I + diag(b) tril(phi(K) phi(K)^T, -1)) U = diag(b) (V - phi(K) M)``, ``M <- M + phi(K)^T U``
+  (the chunkwise form of DeltaNet).
+- a per-token write strength ``b_t`` (``strength``), computed by the module; 1 if none.
+
 Empty memory: at the start of a stream ``M = 0`` and ``z = 0``, so ``s(Q) z = 0``. The
 denominator is clamped at :data:`EPS`; the numerator is exactly 0 then, so the read is exactly 0
 ("retrieval from an empty memory contributes nothing": ``A = (1 - sigmoid(beta)) A_dot``), with no
@@ -23,7 +41,8 @@ segments would lose the needle in bf16.
 Two forms: :func:`infini_attention_naive` follows the equations segment by segment, query by
 query and token-sum by token-sum (the reference); :func:`infini_attention` is the batched form the
 module uses (all segments' local attention in one call, the memory read of every segment as one
-einsum, the linear rule as a cumulative sum). Tests hold them together.
+einsum, the linear rule as a cumulative sum, DeltaNet's triangular solves of all segments in one
+call). Tests hold them together.
 
 Reference: Munkhdalai et al., "Leave No Context Behind" (arXiv 2404.07143), section 2.1.2:
 memory retrieval, linear update, delta update and long-term context injection (numbered here eqs. 7-10,
@@ -33,6 +52,7 @@ counting the projection, attention and gate formulas before them), with A_dot fr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +64,12 @@ from .rope import apply_rope
 
 __all__ = [
     "EPS",
+    "FEATURE_MAPS",
+    "UPDATE_RULES",
+    "MemoryRule",
+    "PAPER",
     "sigma",
+    "features",
     "memory_read",
     "memory_write",
     "memory_scan",
@@ -57,23 +82,84 @@ __all__ = [
 #: floor of the read-out denominators s(Q) z and s(K) z (only reached by an empty memory)
 EPS = 1e-6
 
+#: the memory path's feature maps: the paper's ELU + 1, and SiLU then L2 normalisation (DeltaNet's)
+FEATURE_MAPS = ("elu+1", "silu-l2")
+
+#: the memory's update rules: the paper's two, and DeltaNet's token-by-token delta rule
+UPDATE_RULES = ("delta", "linear", "deltanet")
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """How the compressive memory is written and read.
+
+    Attributes:
+        update_rule: ``"delta"`` (the paper's: each token of a segment writes what the memory of the
+            segment's start does not return for its key), ``"linear"`` (``M += phi(K)^T V``) or
+            ``"deltanet"`` (the delta rule token by token: each write sees the one before).
+        feature_map: ``"elu+1"`` (the paper's) or ``"silu-l2"`` (unit-norm keys and queries).
+        normalize: divide reads by ``phi(q) z`` (the paper). ``"silu-l2"`` features can sum to 0,
+            so they need ``normalize=False``, and so does ``"deltanet"`` (its memory is a
+            regression onto the values, already at their scale).
+    """
+
+    update_rule: str = "delta"
+    feature_map: str = "elu+1"
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.normalize and self.feature_map != "elu+1":
+            raise ValueError(
+                f"feature_map={self.feature_map!r} has features of either sign, so phi(q) z can be 0: "
+                "set normalize to false (the read is then phi(q) M)"
+            )
+        if self.update_rule == "deltanet" and (self.normalize or self.feature_map != "silu-l2"):
+            raise ValueError(
+                "update_rule='deltanet' needs unit keys and no normaliser (each step is then a contraction): "
+                "set feature_map to 'silu-l2' and normalize to false"
+            )
+
+
+#: the paper's rule (the default of ``infini``)
+PAPER = MemoryRule()
+
 
 def sigma(x: Tensor) -> Tensor:
-    """The memory's feature map, ELU + 1 (positive, so ``z`` only grows)."""
+    """The paper's feature map, ELU + 1 (positive, so ``z`` only grows)."""
     return F.elu(x) + 1.0
+
+
+def features(x: Tensor, feature_map: str) -> Tensor:
+    """The memory path's features of keys or queries ``x`` [..., k] (see :data:`FEATURE_MAPS`)."""
+    if feature_map == "elu+1":
+        return sigma(x)
+    return F.normalize(F.silu(x), dim=-1)
 
 
 def _memory_dtype(M: Tensor) -> torch.dtype:
     return torch.promote_types(M.dtype, torch.float32)
 
 
-def memory_read(q: Tensor, M: Tensor, z: Tensor) -> Tensor:
-    """Read the compressive memory: ``s(Q) M / (s(Q) z)``; exactly 0 from an empty memory.
+def _read(fq: Tensor, M: Tensor, z: Tensor, normalize: bool) -> Tensor:
+    """``fq M`` (over ``fq z`` if ``normalize``), for features ``fq`` already computed."""
+    num = einsum(fq, M, "... s k, ... k v -> ... s v")
+    if not normalize:
+        return num
+    return num / einsum(fq, z, "... s k, ... k -> ... s").clamp_min(EPS)[..., None]
+
+
+def memory_read(q: Tensor, M: Tensor, z: Tensor, rule: MemoryRule = PAPER) -> Tensor:
+    """Read the compressive memory: ``phi(Q) M / (phi(Q) z)`` (or ``phi(Q) M``); exactly 0 from an empty memory.
 
     Args:
         q: [b, h, ..., s, k] queries (un-rotated: the memory path has no positions).
         M: [b, h, ..., k, v] memory (the same leading dims as ``q``, e.g. one memory per segment).
         z: [b, h, ..., k] normaliser.
+        rule: the feature map and normaliser (:class:`MemoryRule`; the paper's by default).
 
     Returns:
         [b, h, ..., s, v] in fp32 (or fp64 if ``M`` is fp64).
@@ -82,33 +168,64 @@ def memory_read(q: Tensor, M: Tensor, z: Tensor) -> Tensor:
     """
     dtype = _memory_dtype(M)
     with torch.autocast(q.device.type, enabled=False):
-        sq = sigma(q.to(dtype))
-        num = einsum(sq, M.to(dtype), "... s k, ... k v -> ... s v")
-        den = einsum(sq, z.to(dtype), "... s k, ... k -> ... s")
-        return num / den.clamp_min(EPS)[..., None]
+        return _read(features(q.to(dtype), rule.feature_map), M.to(dtype), z.to(dtype), rule.normalize)
 
 
-def memory_write(k: Tensor, v: Tensor, M: Tensor, z: Tensor, *, delta: bool) -> tuple[Tensor, Tensor]:
+def _strength(strength: Tensor | None, like: Tensor) -> Tensor:
+    """Per-token write strengths [b, h, ..., s] in the memory's dtype (ones if none)."""
+    if strength is None:
+        return torch.ones(like.shape[:-1], dtype=like.dtype, device=like.device)
+    return strength.to(like.dtype)
+
+
+def _deltanet_factors(fk: Tensor, v: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """DeltaNet's chunk factors ``W_k = A^-1 diag(b) phi(K)`` and ``W_v = A^-1 diag(b) V``.
+
+    ``A = I + diag(b) tril(phi(K) phi(K)^T, -1)`` (unit lower triangular), so a segment written
+    from memory ``M`` adds ``phi(K)^T (W_v - W_k M)``. Neither factor depends on ``M``: all
+    segments' factors are one batched triangular solve.
+
+    Args:
+        fk: [..., s, k] key features; v: [..., s, v]; b: [..., s] write strengths.
+    """
+    s = fk.shape[-2]
+    lower = torch.tril(einsum(fk, fk, "... i k, ... j k -> ... i j"), diagonal=-1)
+    A = torch.eye(s, dtype=fk.dtype, device=fk.device) + b[..., None] * lower
+    rhs = b[..., None] * torch.cat([fk, v], dim=-1)
+    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    return W[..., : fk.shape[-1]], W[..., fk.shape[-1] :]
+
+
+def memory_write(
+    k: Tensor, v: Tensor, M: Tensor, z: Tensor, rule: MemoryRule = PAPER, strength: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Write one complete segment into the memory (out of place).
 
     Args:
         k: [b, h, s, k] the segment's un-rotated keys.
         v: [b, h, s, v] its values.
         M: [b, h, k, v], z: [b, h, k] the memory before the segment.
-        delta: the delta rule (write only what the memory does not already return for each key)
-            instead of the linear rule.
+        rule: the update rule, feature map and normaliser (:class:`MemoryRule`).
+        strength: [b, h, s] per-token write strengths (None: 1). ``z`` grows by ``sum_t b_t phi(k_t)``.
 
     Returns:
         The new ``M`` [b, h, k, v] and ``z`` [b, h, k], fp32 (or fp64).
 
-    Reference: arXiv 2404.07143, section 2.1.2, linear and delta memory updates.
+    Reference: arXiv 2404.07143, section 2.1.2, linear and delta memory updates; DeltaNet
+    (arXiv 2406.06484), its chunkwise form.
     """
     dtype = _memory_dtype(M)
     with torch.autocast(k.device.type, enabled=False):
-        sk, v, M, z = sigma(k.to(dtype)), v.to(dtype), M.to(dtype), z.to(dtype)
-        if delta:
-            v = v - memory_read(k, M, z)  # the new part of each value: V - s(K) M / (s(K) z)
-        return M + einsum(sk, v, "b h s k, b h s v -> b h k v"), z + sk.sum(dim=-2)
+        fk, v, M, z = features(k.to(dtype), rule.feature_map), v.to(dtype), M.to(dtype), z.to(dtype)
+        b = _strength(strength, fk)
+        if rule.update_rule == "deltanet":
+            Wk, Wv = _deltanet_factors(fk, v, b)
+            new = Wv - einsum(Wk, M, "b h s k, b h k v -> b h s v")
+        elif rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
+            new = b[..., None] * (v - _read(fk, M, z, rule.normalize))
+        else:
+            new = b[..., None] * v
+        return M + einsum(fk, new, "b h s k, b h s v -> b h k v"), z + einsum(b, fk, "b h s, b h s k -> b h k")
 
 
 def memory_scan(
@@ -116,21 +233,24 @@ def memory_scan(
     v: Tensor,
     M: Tensor,
     z: Tensor,
+    rule: MemoryRule = PAPER,
+    strength: Tensor | None = None,
     *,
-    delta: bool,
     detach_every: int = 0,
     segments_done: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Write ``g`` consecutive complete segments; return what each one read and the final memory.
 
-    The linear rule is a cumulative sum over segments (no loop); the delta rule depends on the
-    memory before each segment, so it loops over segments (only the small [k, v] update is
-    sequential: the reads of all segments are then one einsum).
+    The linear rule is a cumulative sum over segments (no loop); the delta rules depend on the
+    memory before each segment, so they loop over segments (only the small [k, v] update is
+    sequential: the reads of all segments are then one einsum, and DeltaNet's triangular solves
+    are batched over segments before the loop).
 
     Args:
         k: [b, h, g, s, k] un-rotated keys of g segments; v: [b, h, g, s, v].
         M: [b, h, k, v], z: [b, h, k] the memory before the first of them.
-        delta: delta rule instead of linear.
+        rule: :class:`MemoryRule`.
+        strength: [b, h, g, s] per-token write strengths (None: 1).
         detach_every: if > 0, cut the autograd graph of the memory after every ``detach_every``-th
             segment of the stream (truncated back-propagation through the memory).
         segments_done: segments of the stream completed before these (to place the cuts).
@@ -141,23 +261,39 @@ def memory_scan(
     """
     dtype = _memory_dtype(M)
     M, z = M.to(dtype), z.to(dtype)
-    if not delta and detach_every <= 0:
-        with torch.autocast(k.device.type, enabled=False):
-            sk = sigma(k.to(dtype))
-            dM = einsum(sk, v.to(dtype), "b h g s k, b h g s v -> b h g k v").cumsum(dim=2)  # after each segment
-            dz = sk.sum(dim=-2).cumsum(dim=2)  # [b, h, g, k]
-            M_after, z_after = M.unsqueeze(2) + dM, z.unsqueeze(2) + dz
+    if rule.update_rule == "delta":
+        M_read, z_read = [], []
+        for i in range(k.shape[2]):
+            M_read.append(M)
+            z_read.append(z)
+            M, z = memory_write(k[:, :, i], v[:, :, i], M, z, rule, None if strength is None else strength[:, :, i])
+            if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
+                M, z = M.detach(), z.detach()
+        return torch.stack(M_read, dim=2), torch.stack(z_read, dim=2), M, z
+    with torch.autocast(k.device.type, enabled=False):
+        fk, v = features(k.to(dtype), rule.feature_map), v.to(dtype)
+        b = _strength(strength, fk)
+        dz = einsum(b, fk, "b h g s, b h g s k -> b h g k")
+        if rule.update_rule == "linear" and detach_every <= 0:
+            dM = einsum(fk, b[..., None] * v, "b h g s k, b h g s v -> b h g k v").cumsum(dim=2)  # after each segment
+            M_after, z_after = M.unsqueeze(2) + dM, z.unsqueeze(2) + dz.cumsum(dim=2)
             M_read = torch.cat([M.unsqueeze(2), M_after[:, :, :-1]], dim=2)
             z_read = torch.cat([z.unsqueeze(2), z_after[:, :, :-1]], dim=2)
             return M_read, z_read, M_after[:, :, -1], z_after[:, :, -1]
-    M_read, z_read = [], []
-    for i in range(k.shape[2]):
-        M_read.append(M)
-        z_read.append(z)
-        M, z = memory_write(k[:, :, i], v[:, :, i], M, z, delta=delta)
-        if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
-            M, z = M.detach(), z.detach()
-    return torch.stack(M_read, dim=2), torch.stack(z_read, dim=2), M, z
+        if rule.update_rule == "deltanet":
+            Wk, Wv = _deltanet_factors(fk, v, b)
+        M_read, z_read = [], []
+        for i in range(k.shape[2]):
+            M_read.append(M)
+            z_read.append(z)
+            if rule.update_rule == "deltanet":
+                new = Wv[:, :, i] - einsum(Wk[:, :, i], M, "b h s k, b h k v -> b h s v")
+            else:
+                new = b[:, :, i, :, None] * v[:, :, i]
+            M, z = M + einsum(fk[:, :, i], new, "b h s k, b h s v -> b h k v"), z + dz[:, :, i]
+            if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
+                M, z = M.detach(), z.detach()
+        return torch.stack(M_read, dim=2), torch.stack(z_read, dim=2), M, z
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, rope_theta: float = 10000.0) -> Tensor:
@@ -181,18 +317,22 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, *, rope_theta: float = 1000
     return attend(apply_rope(q, pos[t - s :], rope_theta), apply_rope(k, pos, rope_theta), v.to(q.dtype))
 
 
-def gate_mix(a_mem: Tensor, a_dot: Tensor, beta: Tensor) -> Tensor:
-    """``sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot``, one gate per head.
+def gate_mix(a_mem: Tensor, a_dot: Tensor, beta: Tensor | None) -> Tensor:
+    """``sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_dot``, one gate per head; ``[A_dot | A_mem]`` without a gate.
 
     Args:
         a_mem: [b, h, ..., v] memory read; a_dot: [b, h, ..., v] local attention (same shape).
-        beta: [h] gate logits.
+        beta: [h] gate logits, or None: no mix, the two reads side by side on the last dim
+            ([b, h, ..., 2v], local first), for a module that projects each with its own matrix.
 
     Returns:
-        [b, h, ..., v] in the wider of the two dtypes.
+        [b, h, ..., v] (or [..., 2v]) in the wider of the two dtypes.
 
     Reference: arXiv 2404.07143, section 2.1.2, long-term context injection.
     """
+    if beta is None:
+        dtype = torch.promote_types(a_mem.dtype, a_dot.dtype)
+        return torch.cat([a_dot.to(dtype), a_mem.to(dtype)], dim=-1)
     g = beta.sigmoid().reshape(-1, *(1,) * (a_mem.dim() - 2))  # [h, 1, ...]
     return g * a_mem + (1 - g) * a_dot
 
@@ -203,10 +343,11 @@ def infini_attention(
     v: Tensor,
     M: Tensor,
     z: Tensor,
-    beta: Tensor,
+    beta: Tensor | None,
     *,
     segment_len: int,
-    delta: bool,
+    rule: MemoryRule = PAPER,
+    strength: Tensor | None = None,
     rope_theta: float = 10000.0,
     detach_every: int = 0,
     segments_done: int = 0,
@@ -222,16 +363,17 @@ def infini_attention(
     Args:
         q, k: [b, h, n, k] un-rotated queries and keys; v: [b, h, n, v].
         M: [b, h, k, v], z: [b, h, k] the memory before these tokens.
-        beta: [h] gate logits.
+        beta: [h] gate logits, or None (see :func:`gate_mix`).
         segment_len: s.
-        delta: delta rule instead of linear.
+        rule: :class:`MemoryRule` (the paper's delta rule by default).
+        strength: [b, h, n] per-token write strengths (None: 1).
         rope_theta: RoPE base of the local attention.
         detach_every, segments_done: see :func:`memory_scan`.
         write: False = the memory-off control: no segment writes, each reads ``M``, ``z`` as given.
 
     Returns:
-        A [b, h, n, v] (the wider of q's dtype and fp32), and the memory ``M``, ``z`` after the
-        complete segments.
+        A [b, h, n, v] (or 2v, see :func:`gate_mix`; the wider of q's dtype and fp32), and the
+        memory ``M``, ``z`` after the complete segments.
 
     Reference: arXiv 2404.07143, section 2.1 (all of it, segment-batched).
     """
@@ -241,17 +383,18 @@ def infini_attention(
     if g:
         qs, ks, vs = (rearrange(t[:, :, : g * S], "b h (g s) k -> b h g s k", s=S) for t in (q, k, v))
         if write:
-            M_read, z_read, M, z = memory_scan(ks, vs, M, z, delta=delta, detach_every=detach_every, segments_done=segments_done)
+            bs = None if strength is None else rearrange(strength[:, :, : g * S], "b h (g s) -> b h g s", s=S)
+            M_read, z_read, M, z = memory_scan(ks, vs, M, z, rule, bs, detach_every=detach_every, segments_done=segments_done)
         else:
             M_read, z_read = M[:, :, None].expand(-1, -1, g, -1, -1), z[:, :, None].expand(-1, -1, g, -1)
-        a_mem = memory_read(qs, M_read, z_read)  # [b, h, g, s, v]
+        a_mem = memory_read(qs, M_read, z_read, rule)  # [b, h, g, s, v]
         fold = "b h g s k -> (b g) h s k"
         a_dot = local_attention(rearrange(qs, fold), rearrange(ks, fold), rearrange(vs, fold), rope_theta=rope_theta)
         a_dot = rearrange(a_dot, "(b g) h s v -> b h g s v", g=g)
         outs.append(rearrange(gate_mix(a_mem, a_dot, beta), "b h g s v -> b h (g s) v"))
     if r:
         qt, kt, vt = (t[:, :, g * S :] for t in (q, k, v))
-        outs.append(gate_mix(memory_read(qt, M, z), local_attention(qt, kt, vt, rope_theta=rope_theta), beta))
+        outs.append(gate_mix(memory_read(qt, M, z, rule), local_attention(qt, kt, vt, rope_theta=rope_theta), beta))
     return torch.cat(outs, dim=2), M, z
 
 
@@ -261,26 +404,36 @@ def infini_attention_naive(
     v: Tensor,
     M: Tensor,
     z: Tensor,
-    beta: Tensor,
+    beta: Tensor | None,
     *,
     segment_len: int,
-    delta: bool,
+    rule: MemoryRule = PAPER,
+    strength: Tensor | None = None,
     rope_theta: float = 10000.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference form of :func:`infini_attention`: segment by segment, query by query, token-sum by token-sum.
 
-    Nothing is batched over time and no helper of the fast form is used for the maths (only RoPE):
-    for each query, an explicit causal softmax over the segment's earlier keys and an explicit
-    memory read; after each complete segment, the update summed one token at a time.
+    Nothing is batched over time and no helper of the fast form is used for the maths (only RoPE
+    and the feature map): for each query, an explicit causal softmax over the segment's earlier
+    keys and an explicit memory read; after each complete segment, the update summed one token at
+    a time (the paper's rules: every term from the memory of the segment's start), or applied one
+    token at a time (DeltaNet: each from the memory the previous token left; no triangular solve).
 
     Args and returns: as :func:`infini_attention` (no truncation options: reference only).
 
-    Reference: arXiv 2404.07143, sections 2.1.1 and 2.1.2, as written.
+    Reference: arXiv 2404.07143, sections 2.1.1 and 2.1.2, as written; DeltaNet's recurrence
+    (arXiv 2406.06484, eq. 1).
     """
     n, dk = q.shape[2], q.shape[3]
     dtype = _memory_dtype(M)
     M, z = M.to(dtype), z.to(dtype)
-    gate = beta.to(dtype).sigmoid()[None, :, None]  # [1, h, 1]
+    gate = None if beta is None else beta.to(dtype).sigmoid()[None, :, None]  # [1, h, 1]
+    b = torch.ones(q.shape[:3], dtype=dtype) if strength is None else strength.to(dtype)  # [b, h, n]
+
+    def read(f: Tensor, M: Tensor, z: Tensor) -> Tensor:  # f [b, h, k] -> [b, h, v]
+        num = einsum(f, M, "b h k, b h k v -> b h v")
+        return num / einsum(f, z, "b h k, b h k -> b h").clamp_min(EPS)[..., None] if rule.normalize else num
+
     outs = []
     for start in range(0, n, segment_len):
         end = min(start + segment_len, n)
@@ -290,20 +443,21 @@ def infini_attention_naive(
             # A_dot: softmax(q_i K_{<=i}^T / sqrt(k)) V_{<=i}, within the segment
             scores = einsum(qr[:, :, i].to(dtype), kr[:, :, : i + 1].to(dtype), "b h k, b h j k -> b h j") / math.sqrt(dk)
             a_dot = einsum(scores.softmax(dim=-1), v[:, :, start : start + i + 1].to(dtype), "b h j, b h j v -> b h v")
-            # A_mem: s(q_i) M_{s-1} / (s(q_i) z_{s-1}), the memory of the segment's start
-            sq = sigma(q[:, :, start + i].to(dtype))
-            num = einsum(sq, M, "b h k, b h k v -> b h v")
-            den = einsum(sq, z, "b h k, b h k -> b h")
-            a_mem = num / den.clamp_min(EPS)[..., None]
-            outs.append(gate * a_mem + (1 - gate) * a_dot)
+            # A_mem: phi(q_i) M_{s-1} / (phi(q_i) z_{s-1}), the memory of the segment's start
+            a_mem = read(features(q[:, :, start + i].to(dtype), rule.feature_map), M, z)
+            outs.append(torch.cat([a_dot, a_mem], dim=-1) if gate is None else gate * a_mem + (1 - gate) * a_dot)
         if end - start == segment_len:  # a complete segment is written, one token's term at a time
-            dM, dz = torch.zeros_like(M), torch.zeros_like(z)
+            dM, dz, M_t = torch.zeros_like(M), torch.zeros_like(z), M
             for t in range(start, end):
-                sk = sigma(k[:, :, t].to(dtype))  # [b, h, k]
+                fk = features(k[:, :, t].to(dtype), rule.feature_map)  # [b, h, k]
+                bt = b[:, :, t, None]
                 new = v[:, :, t].to(dtype)
-                if delta:  # subtract what the memory of the segment's start already returns for k_t
-                    new = new - einsum(sk, M, "b h k, b h k v -> b h v") / einsum(sk, z, "b h k, b h k -> b h").clamp_min(EPS)[..., None]
-                dM = dM + einsum(sk, new, "b h k, b h v -> b h k v")
-                dz = dz + sk
+                if rule.update_rule == "delta":  # subtract what the memory of the segment's start already returns for k_t
+                    new = new - read(fk, M, z)
+                elif rule.update_rule == "deltanet":  # ... of the memory the previous token left
+                    new = new - read(fk, M_t, z)
+                dM = dM + einsum(fk, bt * new, "b h k, b h v -> b h k v")
+                M_t = M + dM
+                dz = dz + bt * fk
             M, z = M + dM, z + dz
     return torch.stack(outs, dim=2), M, z

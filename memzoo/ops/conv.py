@@ -1,0 +1,33 @@
+"""The short causal depthwise convolution that linear-RNN memories put after their q/k/v projections.
+
+Its left context (the last ``kernel - 1`` inputs) lives in the caller's state, so a stream cut
+into calls anywhere gives the same outputs as one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+__all__ = ["causal_conv"]
+
+
+def causal_conv(p: Tensor, context: Tensor, taps: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise causal convolution of ``p`` [b, n, C] with ``taps`` [C, kernel].
+
+    ``y_t = sum_j taps[:, j] * p_{t - kernel + 1 + j}``, where inputs before ``p`` come from
+    ``context``: the last tap weighs the token itself.
+
+    Args:
+        p: [b, n, C] inputs (projections).
+        context: [b, kernel - 1, C] the inputs before ``p`` (zeros at a stream's start).
+        taps: [C, kernel] one filter per channel.
+
+    Returns:
+        ``y`` [b, n, C] in ``p``'s dtype, and the next context [b, kernel - 1, C].
+    """
+    full = torch.cat([context.to(p.dtype), p], dim=1)  # [b, kernel - 1 + n, C]
+    y = F.conv1d(rearrange(full, "b n c -> b c n"), taps.to(p.dtype)[:, None, :], groups=taps.shape[0])
+    return rearrange(y, "b c n -> b n c"), full[:, full.shape[1] - context.shape[1] :]

@@ -60,6 +60,7 @@ DESIGNS = {
     "namm": "designs/namm.md",
     "infini": "designs/infini.md",
     "infini-linear": "designs/infini.md",
+    "infini-deltanet": "designs/infini.md",
     "titans-lmm": "designs/titans.md",
     "titans-mac": "designs/titans.md",
     "titans-mag": "designs/titans.md",
@@ -257,6 +258,9 @@ def state_formula(name: str, cfg, backbone) -> tuple[str, int | None]:
     if name in ("infini", "infini-linear"):
         s = cfg.segment_len
         return "4·h·k·(k + 1 + 2s)", 4 * h * k * (k + 1 + 2 * s)
+    if name == "infini-deltanet":
+        s, K = cfg.segment_len, cfg.conv_kernel
+        return "4·(h·k·(k + 1 + 2s) + h·s + 3d·(K − 1))", 4 * (h * k * (k + 1 + 2 * s) + h * s + 3 * d * (K - 1))
     if name.startswith("titans-"):
         P, c, K = _mlp_entries(cfg, k), cfg.chunk_size, cfg.conv_kernel
         memory = 4 * (2 * h * P + h * c * (2 * k + 3) + (K - 1) * 3 * d)

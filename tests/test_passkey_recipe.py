@@ -282,6 +282,33 @@ def test_card_says_when_only_depth_one_is_answered(tmp_path):
     assert "Correct only at depth 1" not in write_card(tmp_path / "ck", tmp_path / "r.json").read_text()
 
 
+def test_probe_during_training_logs_and_changes_nothing(tmp_path):
+    """eval.probe_every: probes.jsonl gets a probe at every multiple that is saved and at the end; the
+    weights equal a run without probes bit for bit (the probe draws its own prompts, no gradients)."""
+    from safetensors.torch import load_file
+
+    recipe = {
+        "name": "tiny",
+        "model": {"memory": "infini", "d_model": 32, "n_layers": 1, "n_heads": 2, "segment_len": 128},
+        "task": {"name": "passkey", "curriculum": [{"until": 1.0, "n_tokens": 320, "batch_size": 2}]},
+        "train": {"steps": 5, "lr": 0.01, "warmup_steps": 1, "segment_len": 320, "log_every": 1, "save_every": 2},
+        "eval": {"depths": [0.0, 1.0], "probe_every": 2, "probe_lengths": [320, "400"], "probe_rows": 2},
+    }
+    train_recipe(recipe, tmp_path / "probed", progress=False)
+    probes = [json.loads(line) for line in (tmp_path / "probed" / "probes.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [2, 4, 5]
+    assert [(c["length"], c["depth"]) for c in probes[0]["cells"]] == [(320, 0.0), (320, 1.0), (400, 0.0), (400, 1.0)]
+    assert all(0 <= c["answer_ce"] and c["n"] == 2 for p in probes for c in p["cells"])
+    plain = {k: v for k, v in recipe.items() if k != "eval"}
+    train_recipe(plain, tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain" / "probes.jsonl").exists()
+    probed, reference = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("probed", "plain"))
+    for name, tensor in reference.items():  # bit for bit: the probe ran no op on the training path
+        torch.testing.assert_close(probed[name], tensor, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="has no probe"):
+        train_recipe({**recipe, "task": {"name": "booksum-synthetic"}}, tmp_path / "bad", progress=False)
+
+
 def test_a_mix_stage_trains_its_shapes_in_turn(tmp_path):
     """A ``mix`` stage alternates its prompt shapes step by step; the card says so; bad stages raise."""
     from memzoo.cards import describe_curriculum

@@ -7,6 +7,13 @@ A recipe has three sections::
     train:   {steps: 1500, lr: 0.004, segment_len: 256, ...}        # TrainConfig fields
     eval:    {lengths: [...], depths: [...], n_keys: 5}             # read by the task's evaluator
 
+A passkey recipe's ``eval`` may also ask for the teacher-forced probe during training:
+``probe_every: 200`` (steps; at each save that falls on a multiple, and at the end),
+``probe_lengths: [1K, 4K, 16K]`` and ``probe_rows: 4`` (prompts per cell, at ``eval.depths``).
+Each probe appends ``{"step", "train_s", "cells"}`` to ``probes.jsonl`` in the run folder (the
+cells of :func:`~memzoo.tasks.passkey_eval.probe_passkey`), so a run's log shows when the memory
+starts to carry the key, not only the training loss.
+
 Tasks make batches through a ``batch_fn(step, generator)``; a curriculum is a list of stages
 ``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``. A stage may instead hold
 ``mix: [{n_tokens: ..., batch_size: ...}, ...]``: its steps take those shapes in turn (step k the
@@ -26,6 +33,7 @@ import yaml
 
 from ..registry import build
 from ..tokenization import tokenizer as default_tokenizer
+from .resume import truncate_log
 from .trainer import BatchFn, TrainConfig, Trainer
 from .warm_start import warm_start
 
@@ -115,6 +123,52 @@ def make_batch_fn(task: dict, steps: int) -> BatchFn:
     return TASKS[task["name"]](task, steps)
 
 
+PROBE_DEFAULTS = {"probe_lengths": [1024, 4096, 16384], "probe_rows": 4}
+
+
+def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
+    """The trainer's ``on_save`` callback that probes a passkey model every ``eval.probe_every`` steps (None if unset).
+
+    The probe runs without gradients on prompts of its own seed and puts the model back in
+    training mode, so it changes nothing the next step computes (a resumed run stays exact).
+    """
+    ev = recipe.get("eval") or {}
+    every = ev.get("probe_every", 0)
+    if not every:
+        return None
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"eval.probe_every must be a positive number of steps, got {every!r}")
+    if recipe["task"]["name"] != "passkey":
+        raise ValueError(f"eval.probe_every probes passkey retrieval; task {recipe['task']['name']!r} has no probe: remove it")
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..tasks.passkey_eval import probe_passkey
+    from ..units import format_length, parse_length
+
+    lengths = [parse_length(x) for x in ev.get("probe_lengths", PROBE_DEFAULTS["probe_lengths"])]
+    depths = ev.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0])
+    rows = ev.get("probe_rows", PROBE_DEFAULTS["probe_rows"])
+    path = Path(out_dir) / "probes.jsonl"
+
+    def hook(trainer: Trainer) -> None:
+        if trainer.rank != 0 or (trainer.step % every and trainer.step != trainer.config.steps):
+            return
+        model, was_training = trainer.model, trainer.model.training
+        with torch.no_grad():
+            result = probe_passkey(model, lengths=lengths, depths=depths, n_rows=rows, progress=False)
+        model.train(was_training)
+        truncate_log(path, "step", trainer.step - 1)  # a probe of this step from a killed run goes
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": trainer.step, "train_s": round(trainer.train_seconds, 1), "cells": result["cells"]}) + "\n")
+        if progress:
+            by_length = {n: [c["answer_ce"] for c in result["cells"] if c["length"] == n and c["depth"] < 1] for n in lengths}
+            shown = ", ".join(f"{format_length(n)} {sum(v) / len(v):.2f}" for n, v in by_length.items() if v)
+            tqdm.write(f"probe at step {trainer.step}: answer cross-entropy at depths < 1 (nats per digit; chance 2.30): {shown}")
+
+    return hook
+
+
 def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True, allow_changed: bool = False,
                  **train_overrides) -> dict:  # fmt: skip
     """Train the recipe's model; the final model goes to ``out_dir/model``.
@@ -143,7 +197,7 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir,
                       run={"model": recipe["model"], "task": recipe["task"]}, allow_changed=allow_changed)  # fmt: skip
     start = time.perf_counter()
-    history = trainer.fit(resume=resume, progress=progress)
+    history = trainer.fit(resume=resume, progress=progress, on_save=probe_hook(recipe, out_dir, progress=progress))
     wall = time.perf_counter() - start
     if trainer.rank == 0:
         model.save_pretrained(out_dir / "model")

@@ -778,9 +778,79 @@ def namm_feature_probe_snippet() -> str:
     )
 
 
+def _probe_means(cells: list[dict], key: str = "answer_ce") -> dict[int, float]:
+    """Per length, the mean of ``key`` over the depths < 1 (depth 1 is local context, not memory)."""
+    lengths = sorted({c["length"] for c in cells})
+    return {n: _mean([c[key] for c in cells if c["length"] == n and c["depth"] < 1]) for n in lengths}
+
+
+def infini_ablation_snippet() -> str:
+    """The Infini ablation table (``recipes/infini_ablation.py`` -> ``docs/results/infini/ablation.json``)."""
+    from memzoo.plots import format_length
+
+    path = RESULTS / "infini" / "ablation.json"
+    if not path.is_file():
+        return f"{NOT_MEASURED} Run `python recipes/infini_ablation.py --out docs/results/infini/ablation.json`."
+    results = json.loads(path.read_text())
+    rows_out, lengths = [], []
+    for r in results["rows"]:
+        on, off = _probe_means(r["probe"]), _probe_means(r["probe_memory_off"])
+        exact = _probe_means(r["probe"], "exact")
+        lengths = sorted(on)
+        cells = [f"{on[n]:.2f} / {off[n]:.2f}" for n in lengths]
+        budget = f"{r['steps']:,} × {r['tokens_per_step']:,} ({r['train_seconds'] / 60:.0f} min)"
+        rows_out.append([f"`{r['row']}`", md_escape(r["changes"]), budget, *cells, f"{exact[lengths[-1]]:.2f}"])
+    header = ["row", "changes", "steps × tokens (time)", *[f"CE at {format_length(n)}: on / off" for n in lengths],
+              f"exact at {format_length(lengths[-1])}" if lengths else "exact"]  # fmt: skip
+    n_rows = results["rows"][0]["probe"][0]["n"] if results["rows"] else 0
+    flags = ", ".join(results.get("machine", {}).get("cpu_flags", [])) or "not recorded"
+    return (
+        table(header, rows_out)
+        + f"\n\nTeacher-forced answer cross-entropy in nats per digit (chance: ln 10 = 2.30), mean over depths 0, 0.25, "
+        f"0.5 and 0.75 ({n_rows} prompts each), with the memory on and with it off (`memzoo.memory_off`: nothing is "
+        "written); exact = every digit right under teacher forcing, memory on. Depth 1 (the needle in the question's "
+        "segment) is local context, not memory, and is left out. Every row is warm-started from `checkpoints/passkey-full` "
+        f"and trained with the same budget and curriculum. Machine: CPU flags {flags}.\n\n"
+        + GENERATED_BY.format(what=f"`{rel(path)}`, written by `{md_escape(results['command'])}`")
+    )
+
+
+def training_probe_snippet(path: Path, name: str) -> str:
+    """A run's ``probes.jsonl`` (copied into docs/results): answer cross-entropy by step, one line per length."""
+    from memzoo.plots import format_length
+
+    if not path.is_file():
+        return f"{NOT_MEASURED} The run's `probes.jsonl` is copied to `{rel(path)}` when its checkpoint ships."
+    probes = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    lengths = sorted({c["length"] for p in probes for c in p["cells"]})
+    for n in lengths:
+        ax.plot([p["step"] for p in probes], [_probe_means(p["cells"])[n] for p in probes], marker="o", label=format_length(n))
+    ax.axhline(math.log(10), color="grey", linestyle="--", linewidth=1, label="chance (ln 10)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("answer CE, depths < 1 (nats/digit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="prompt length")
+    fig.tight_layout()
+    FIG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIG / f"{name}.png", dpi=110)
+    plt.close(fig)
+    last = probes[-1]
+    means = _probe_means(last["cells"])
+    return (
+        f"![answer cross-entropy by training step](figures/{name}.png)\n\n"
+        f"The teacher-forced probe during training (`eval.probe_every`), mean over depths < 1; at step {last['step']}: "
+        + ", ".join(f"{format_length(n)} {v:.2f}" for n, v in means.items())
+        + " nats per digit.\n\n"
+        + GENERATED_BY.format(what=f"`{rel(path)}`")
+    )
+
+
 def other_results_section() -> str:
     known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum"}
-    drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json"}  # performance_section(), the NAMM page
+    drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json",  # performance_section(), the NAMM page
+             RESULTS / "infini" / "ablation.json"}  # the Infini page  # fmt: skip
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
         return ""
@@ -1032,6 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings += api_pages()
     write(GEN / "designs.md", designs_snippet(memzoo))
     write(GEN / "namm-feature-probe.md", namm_feature_probe_snippet())
+    write(GEN / "infini-ablation.md", infini_ablation_snippet())
+    write(GEN / "infini-deltanet-training.md", training_probe_snippet(RESULTS / "infini" / "passkey-infini-deltanet-probes.jsonl",
+                                                                      "infini-deltanet-training"))  # fmt: skip
     for w in warnings:
         print(f"gen_pages: warning: {w}", file=sys.stderr)
     timed = {k: v for k, v in measured.items() if "seconds" in v}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import shlex
 import sys
@@ -94,12 +93,17 @@ def _check_designs(names: list[str]) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import memzoo
-    from memzoo.registry import memory_config
+    """The designs from the catalog the registry writes (no torch import), or from the registry with --live."""
+    if args.live:
+        from memzoo.registry import catalog
 
-    for name in memzoo.available():
-        cfg = memory_config(name)
-        print(f"{name:14s} {type(cfg).__name__:18s} {json.dumps(dataclasses.asdict(cfg))}")
+        designs = catalog()
+    else:
+        designs = json.loads((Path(__file__).with_name("catalog.json")).read_text())
+    width = max(map(len, designs))
+    cls_width = max(len(d["config"]) for d in designs.values())
+    for name, d in designs.items():
+        print(f"{name:{width}s}  {d['config']:{cls_width}s}  {json.dumps(d['defaults'])}")
     return 0
 
 
@@ -754,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list the memory designs and their defaults")
+    p.add_argument("--live", action="store_true", help="ask the registry itself (imports torch; includes designs registered at run time)")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("demo", help="stream a long random input through designs; print state bytes and tokens/s")

@@ -17,12 +17,17 @@ import dataclasses
 import difflib
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .config import BACKBONE_FIELDS, MemZooConfig
 from .interface import MemoryConfig
 
-__all__ = ["register", "available", "memory_config", "build", "swap_memory"]
+__all__ = ["register", "available", "memory_config", "build", "swap_memory", "catalog", "CATALOG"]
+
+#: every design's config class and defaults, written from the live registry by ``python -m
+#: memzoo.registry`` so that ``memzoo list`` answers without importing torch (a test keeps the two equal)
+CATALOG = Path(__file__).with_name("catalog.json")
 
 _BUILDERS: dict[str, Callable[[], MemoryConfig]] = {}
 
@@ -131,3 +136,19 @@ def swap_memory(model, name: str, **overrides: Any):
         )
     new.load_state_dict(old_sd, strict=False)
     return new.to(next(model.parameters()).device)
+
+
+def catalog() -> dict[str, dict]:
+    """``{name: {"config": class name, "defaults": {field: value}}}`` of every registered design."""
+    configs = {name: memory_config(name) for name in available()}
+    return {name: {"config": type(cfg).__name__, "defaults": dataclasses.asdict(cfg)} for name, cfg in configs.items()}
+
+
+if __name__ == "__main__":  # python -m memzoo.registry: rewrite the catalog after adding or changing a design
+    import json
+
+    from memzoo import registry  # the module the designs register into (this file runs as __main__)
+
+    designs = registry.catalog()
+    CATALOG.write_text(json.dumps(designs, indent=1) + "\n")
+    print(f"wrote {CATALOG} ({len(designs)} designs)")

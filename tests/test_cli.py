@@ -197,3 +197,19 @@ def test_a_whole_jobs_eta_comes_from_the_items_done(monkeypatch):
     monkeypatch.setattr(memzoo.cli.time, "perf_counter", lambda: 180.0)  # 3 minutes after start = 0
     assert memzoo.cli._eta(0.0, 0, 4) == ""  # nothing done: no estimate yet
     assert memzoo.cli._eta(0.0, 1, 4) == " (3.0 min so far, about 9.0 min left)"
+
+
+def test_list_answers_from_the_catalog_without_torch():
+    """`memzoo list` reads memzoo/catalog.json (no torch import, so it answers at once); the catalog
+    must equal the live registry: after adding or changing a design run `python -m memzoo.registry`."""
+    import json
+
+    from memzoo.registry import CATALOG, catalog
+
+    assert json.loads(CATALOG.read_text()) == catalog(), "memzoo/catalog.json is stale: run `python -m memzoo.registry`"
+    code = "import sys; from memzoo.cli import main; main(['list']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    assert [line.split()[0] for line in out[:-1]] == list(catalog())
+    live = subprocess.run([sys.executable, "-m", "memzoo.cli", "list", "--live"], capture_output=True, text=True, check=True).stdout
+    assert live.splitlines() == out[:-1]

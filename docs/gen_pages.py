@@ -885,7 +885,8 @@ def training_budget(checkpoint: str | None) -> str:
         return f"`{info['derived_from']}`'s weights"
     minutes = (info.get("train_seconds", 0) + info.get("warm_start", {}).get("source_train_seconds", 0)) / 60
     warm = f" (warm from `{info['warm_start']['source']}`)" if "warm_start" in info else ""
-    return f"{info.get('steps', '?')} steps, {minutes:.0f} min{warm}"
+    tokens = f" × {info['tokens'] / info['steps'] / 1e3:.1f}K tokens" if info.get("tokens") and info.get("steps") else ""
+    return f"{info.get('steps', '?')} steps{tokens}, {minutes:.0f} min{warm}"
 
 
 def summary_section() -> str:

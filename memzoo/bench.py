@@ -46,6 +46,7 @@ __all__ = [
     "current_rss_mib",
     "timed",
     "machine_info",
+    "cpu_flags",
     "matmul_peak",
     "count_flops",
     "stream_one",
@@ -114,6 +115,15 @@ def _cpu_flags() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that change speed and bf16 support (avx2, avx512*, amx*), from /proc/cpuinfo.
+
+    This project's machines differ between sessions (AVX2 only, or AVX-512 with native bf16), so
+    every timing and every trained checkpoint records them.
+    """
+    return sorted(f for f in _cpu_flags()[1] if f.startswith(("avx2", "avx512", "amx")))
 
 
 def machine_info() -> dict:

@@ -81,6 +81,18 @@ def rouge_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _budget_lines(training: dict) -> list[str]:
+    """The budget the comparison counts (steps x tokens per step) and the CPU it ran on, where recorded."""
+    lines = []
+    if training.get("tokens"):
+        per_step = training["tokens"] / max(training["steps"], 1)
+        lines.append(f"- budget: {training['steps']:,} steps x {per_step:,.0f} tokens per step = {training['tokens'] / 1e6:.2f}M tokens"
+                     + (" (this run's own; the warm start's source has its own card)" if training.get("warm_start") else ""))  # fmt: skip
+    if training.get("cpu_flags"):
+        lines.append(f"- CPU flags: {', '.join(training['cpu_flags'])}")
+    return lines
+
+
 def _warm_start_lines(training: dict) -> list[str]:
     warm = training.get("warm_start")
     if not warm:
@@ -168,6 +180,7 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             "",
             f"- recipe: `{training.get('recipe_file', '?')}` ({training['steps']} steps, "
             f"{training['train_seconds'] / 60:.1f} min of training on this project's 2-core CPU{stopped})",
+            *_budget_lines(training),
             *_warm_start_lines(training),
             f"- final training loss (weighted cross-entropy): {training['final_loss']:.4f}",
             f"- parameters: {training['parameters']:,}",

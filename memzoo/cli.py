@@ -408,7 +408,8 @@ def _write_training(checkpoint: str | Path, info: dict) -> None:
 def _cmd_ship(args: argparse.Namespace) -> int:
     """Copy a finished run's model into a shipped checkpoint folder with its training record."""
     import memzoo
-    from memzoo.training.recipe import load_recipe
+    from memzoo.bench import cpu_flags
+    from memzoo.training.recipe import curriculum_tokens, load_recipe
 
     run = Path(args.run)
     summary = json.loads((run / "run.json").read_text())
@@ -416,11 +417,15 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     model = memzoo.load(run / "model")
     stored = _stored_dtype(args.bf16)
     model.save_pretrained(args.out, dtype=stored)
+    curriculum = recipe["task"].get("curriculum", [])
     info = summary | {
         "recipe_file": args.config,
         "command": f"memzoo {args.command} train --config {args.config} --out {args.run}",
         "task": recipe["task"]["name"],
-        "curriculum": recipe["task"].get("curriculum", []),
+        "curriculum": curriculum,
+        # the budget the comparison counts: optimiser steps x tokens per step (this run's own)
+        "tokens": curriculum_tokens(curriculum, summary["steps"], summary["train"]["steps"]) if curriculum else None,
+        "cpu_flags": cpu_flags(),
         "stored_dtype": "bfloat16" if stored else "float32",
         "notes": recipe.get("notes", ""),
     }

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import memzoo
+from memzoo.bench import cpu_flags
 from memzoo.io import write_text_atomic
 from memzoo.tasks.passkey_eval import probe_passkey
 from memzoo.training.recipe import load_recipe, train_recipe
@@ -43,15 +44,6 @@ ROWS = {
                               write_strength=True)),
     "infini-deltanet": ("as above, plus a causal conv on q/k/v (the registry name)", dict(memory="infini-deltanet")),
 }  # fmt: skip
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's SIMD flags that change speed and bf16 support (from /proc/cpuinfo)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
 
 
 def run_row(name: str, options: dict, steps: int, root: Path, lengths: list[int], rows: int) -> dict:

@@ -240,6 +240,8 @@ def test_ship_derive_and_card(tmp_path):
     card = write_card(tmp_path / "ck-full", tmp_path / "res" / "full.json").read_text()
     training = json.loads((tmp_path / "ck-full" / "training.json").read_text())
     assert "2 steps" in card and f"{training['final_loss']:.4f}" in card and "/2 |" in card
+    assert training["tokens"] == 2 * 2 * 300 and "budget: 2 steps x 600 tokens per step = 0.00M tokens" in card
+    assert training["cpu_flags"] == memzoo.bench.cpu_flags() and all(f.startswith(("avx", "amx")) for f in training["cpu_flags"])
     derived = write_card(tmp_path / "ck-evict").read_text()
     assert "No training of its own" in derived and "bfloat16" in derived and "Not measured yet" in derived
     assert memzoo.load(tmp_path / "ck-evict").embed.weight.dtype == torch.float32  # loads back to fp32
@@ -307,6 +309,15 @@ def test_probe_during_training_logs_and_changes_nothing(tmp_path):
         torch.testing.assert_close(probed[name], tensor, atol=0, rtol=0)
     with pytest.raises(ValueError, match="has no probe"):
         train_recipe({**recipe, "task": {"name": "booksum-synthetic"}}, tmp_path / "bad", progress=False)
+
+
+def test_curriculum_tokens_counts_every_step_of_each_stage():
+    from memzoo.training.recipe import curriculum_tokens
+
+    mix = [{"n_tokens": 300, "batch_size": 1}, {"n_tokens": 50, "batch_size": 2}]
+    curriculum = [{"until": 0.5, "n_tokens": 100, "batch_size": 4}, {"until": 1.0, "mix": mix}]
+    assert curriculum_tokens(curriculum, 4, 4) == 2 * 400 + 300 + 100  # steps 0-1 stage one, steps 2-3 the mix in turn
+    assert curriculum_tokens(curriculum, 2, 8) == 2 * 400  # a run stopped early counts the steps it ran
 
 
 def test_a_mix_stage_trains_its_shapes_in_turn(tmp_path):

@@ -37,7 +37,16 @@ from .resume import truncate_log
 from .trainer import BatchFn, TrainConfig, Trainer
 from .warm_start import warm_start
 
-__all__ = ["load_recipe", "make_batch_fn", "train_recipe", "check_curriculum", "TASKS"]
+__all__ = [
+    "load_recipe",
+    "make_batch_fn",
+    "train_recipe",
+    "check_curriculum",
+    "curriculum_stage",
+    "curriculum_tokens",
+    "probe_hook",
+    "TASKS",
+]
 
 SECTIONS = {"name", "model", "task", "train", "eval", "notes"}
 
@@ -67,12 +76,21 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def _stage(curriculum: list[dict], step: int, steps: int) -> dict:
-    """The ``{n_tokens, batch_size}`` of ``step``: its stage, or the stage's mix entry in turn."""
+def curriculum_stage(curriculum: list[dict], step: int, steps: int) -> dict:
+    """The ``{n_tokens, batch_size}`` of ``step`` (0-based) of a run of ``steps``: its stage, or the stage's mix entry in turn."""
     stage = next((s for s in curriculum if step < s["until"] * steps), curriculum[-1])
     if "mix" in stage:
         return stage["mix"][step % len(stage["mix"])]
     return stage
+
+
+def curriculum_tokens(curriculum: list[dict], steps_done: int, steps: int) -> int:
+    """Training tokens (rows x tokens per row, padding included) of the first ``steps_done`` steps of a run of ``steps``.
+
+    The budget the fair-comparison rule counts: optimiser steps x tokens per step.
+    """
+    shapes = (curriculum_stage(curriculum, step, steps) for step in range(steps_done))
+    return sum(s["n_tokens"] * s["batch_size"] for s in shapes)
 
 
 def check_curriculum(curriculum: list[dict], where: str) -> None:
@@ -94,7 +112,7 @@ def _passkey_batch_fn(task: dict, steps: int) -> BatchFn:
     options = {k: task[k] for k in ("needle_near_end_prob", "answer_weight", "copy_weight", "other_weight", "digits") if k in task}
 
     def batch_fn(step: int, generator) -> dict:
-        stage = _stage(curriculum, step, steps)
+        stage = curriculum_stage(curriculum, step, steps)
         return make_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
 
     return batch_fn
@@ -108,7 +126,7 @@ def _booksum_batch_fn(task: dict, steps: int) -> BatchFn:
     options = {k: task[k] for k in ("n_events", "n_chapters", "prompt", "summary_weight", "other_weight") if k in task}
 
     def batch_fn(step: int, generator) -> dict:
-        stage = _stage(curriculum, step, steps)
+        stage = curriculum_stage(curriculum, step, steps)
         return make_booksum_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
 
     return batch_fn

@@ -24,9 +24,11 @@ spectrogram, EMA reduction, online normalisation, positional features.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -51,27 +53,35 @@ EMA_COEFF = 0.99  # EMA coefficient per token; per frame it is EMA_COEFF ** HOP
 AGE_DIM = 8  # sin/cos features of a token's age
 
 
+@functools.lru_cache(maxsize=8)
+def _dft_filters(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[2 * N_FREQ, 1, N_FFT]``: the periodic Hann window times the onesided DFT's real, then imaginary, rows."""
+    n = torch.arange(N_FFT, dtype=torch.float64)[None, :]
+    f = torch.arange(N_FREQ, dtype=torch.float64)[:, None]
+    angle = 2 * math.pi * f * n / N_FFT
+    window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64)[None, :]
+    return torch.cat([window * torch.cos(angle), -window * torch.sin(angle)])[:, None, :].to(device=device, dtype=dtype)
+
+
 def spectrogram(signal: Tensor) -> Tensor:
     """STFT magnitudes of attention columns.
+
+    The numbers of ``torch.stft(n_fft=32, hop_length=16, window=hann_window(32, periodic=True),
+    center=False, onesided=True).abs()``, computed as one strided convolution with the 34 windowed
+    DFT filters (17 frequencies, real and imaginary) and ``hypot``: for 32-sample frames that is
+    ~4x faster than FFTs plus a complex ``abs``, which took most of NAMM's time.
 
     Args:
         signal: [..., w] columns, w = HOP * (r + 1) for r >= 1 frames.
 
     Returns:
-        [..., f, r] magnitudes (fp32).
+        [..., f, r] magnitudes (fp32, or fp64 for an fp64 signal).
     """
+    dtype = torch.promote_types(signal.dtype, torch.float32)
     w = signal.shape[-1]
-    window = torch.hann_window(N_FFT, periodic=True, device=signal.device)
-    spec = torch.stft(
-        signal.reshape(-1, w).float(),
-        n_fft=N_FFT,
-        hop_length=HOP,
-        window=window,
-        center=False,
-        onesided=True,
-        return_complex=True,
-    )  # [(...), f, r]
-    return spec.abs().reshape(*signal.shape[:-1], N_FREQ, spec.shape[-1])
+    z = F.conv1d(signal.reshape(-1, 1, w).to(dtype), _dft_filters(signal.device, dtype), stride=HOP)  # [(...), 2f, r]
+    mags = torch.hypot(z[:, :N_FREQ], z[:, N_FREQ:])
+    return mags.reshape(*signal.shape[:-1], N_FREQ, mags.shape[-1])
 
 
 def ema_over_frames(ema: Tensor, mags: Tensor, coeff: float = EMA_COEFF) -> Tensor:

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 designs=("$@")
 if [ ${#designs[@]} -eq 0 ]; then
-  designs=(full window sinks h2o l2 namm namm-paper infini infini-linear titans-mac titans-mag titans-mal titans-lmm)
+  designs=(full window sinks h2o l2 namm namm-paper infini infini-linear infini-deltanet titans-mac titans-mag titans-mal titans-lmm)
 fi
 out=${OUT:-runs/passkey-grid}
 max=${MAX_LENGTH:-1M}

@@ -559,8 +559,18 @@ def passkey_section() -> str:
         "cell's accuracy moves in steps of 1/keys: read small differences as noise.\n\n" + grid_table("accuracy", lambda v: f"{v:.2f}")
     )
     parts.append(_accuracy_at_longest(valid))
-    passkey_comparison([r for _, _, r in valid], FIG / "passkey_accuracy_vs_length.png")
-    parts.append("![passkey accuracy against prompt length](generated/figures/passkey_accuracy_vs_length.png)")
+    control_files, _ = load_json_files(RESULTS / "passkey-control")
+    controls = {p.stem.removesuffix("-memory-off"): c for p, c in control_files if c.get("memory_off") and isinstance(c.get("cells"), list)}
+    paired = [(path.stem, controls[path.stem]) for path, _, r in valid
+              if path.stem in controls and controls[path.stem].get("weights_sha256") == r.get("weights_sha256")]  # fmt: skip
+    figure_results = [r for _, _, r in valid] + [c for _, c in paired]
+    figure_labels = [path.stem for path, _, _ in valid] + [stem for stem, _ in paired]
+    passkey_comparison(figure_results, FIG / "passkey_accuracy_vs_length.png", labels=figure_labels)
+    parts.append(
+        "![passkey accuracy against prompt length, one panel per family](generated/figures/passkey_accuracy_vs_length.png)\n\n"
+        "Accuracy with the needle at depths < 1 (outside every design's local window), one panel per family; dashed: the "
+        "same checkpoint with its memory off, where measured."
+    )
 
     heat = ["### Heatmaps (length × needle depth)"]
     for _, label, r in sorted(valid, key=lambda t: t[1]):

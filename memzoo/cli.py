@@ -502,7 +502,8 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
         print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
         all_results.append(_evaluate_checkpoint(path, args, memory_off=off))
     all_results = [r for r in all_results if r is not None]
-    figure = passkey_comparison([r for r in all_results if not r.get("memory_off")] or all_results, Path(args.out) / "comparison.png")
+    labels = [Path(r.get("checkpoint", r["design"])).name.removeprefix("passkey-") for r in all_results]
+    figure = passkey_comparison(all_results, Path(args.out) / "comparison.png", labels=labels)
     _print_table(all_results)
     print(f"wrote {len(all_results)} results JSON, heatmaps and {figure} under {args.out}")
     return 0

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .io import atomic_file  # noqa: E402
 from .units import format_length  # noqa: E402  (re-exported: figures and tables label lengths alike)
 
-__all__ = ["passkey_heatmap", "passkey_comparison", "format_length", "save_figure"]
+__all__ = ["passkey_heatmap", "passkey_comparison", "family_of", "format_length", "save_figure", "PALETTE", "MARKERS", "FAMILIES"]
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -34,37 +34,77 @@ def _grid(results: dict) -> tuple[list[int], list[float], list[list[float]]]:
     return lengths, depths, [[acc.get((n, d), float("nan")) for d in depths] for n in lengths]
 
 
+#: colour-blind-safe colours (Okabe & Ito) and markers: every line of a panel differs in both
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+#: the families a comparison figure draws as separate panels, by registry-name prefix
+FAMILIES = (("KV eviction", ("full", "window", "sinks", "h2o", "l2", "namm")), ("compressive", ("infini",)), ("neural memory", ("titans",)))
+
+
+def family_of(design: str) -> str:
+    """The family panel of a registry name (``other`` for a design outside the three)."""
+    return next((name for name, prefixes in FAMILIES if design.startswith(prefixes)), "other")
+
+
 def passkey_heatmap(results: dict, path: str | Path, title: str | None = None) -> Path:
-    """Accuracy heatmap of one design: lengths (rows) x needle depths (columns)."""
+    """Accuracy heatmap of one design: lengths (rows) x needle depths (columns), colour-blind-safe (cividis)."""
     lengths, depths, grid = _grid(results)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 0.8 + 0.5 * len(lengths)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="cividis", aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_yticks(range(len(lengths)), [format_length(n) for n in lengths])
-    ax.set_xlabel("needle depth")
+    ax.set_xlabel("needle depth (1 = right before the question: local context)")
     ax.set_ylabel("prompt length (tokens)")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value == value:  # not NaN
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="black" if value > 0.6 else "white")
     ax.set_title(title or f"passkey accuracy: {results['design']} ({results['n_keys']} keys/cell)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     return save_figure(fig, path)
 
 
-def passkey_comparison(all_results: Sequence[dict], path: str | Path) -> Path:
-    """Accuracy (mean over depths) against prompt length, one line per design."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for results in sorted(all_results, key=lambda r: r["design"]):
-        lengths, _, grid = _grid(results)
-        means = [sum(v for v in row if v == v) / max(1, sum(v == v for v in row)) for row in grid]
-        ax.plot(lengths, means, marker="o", label=results["design"])
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, 1.02)
+def _far_accuracy(results: dict) -> tuple[list[int], list[float]]:
+    """Per length, the mean accuracy over depths < 1 (the needle outside the local window)."""
+    cells = [c for c in results["cells"] if c["depth"] < 1] or results["cells"]
+    lengths = sorted({c["length"] for c in cells})
+    means = [sum(c["accuracy"] for c in cells if c["length"] == n) / sum(1 for c in cells if c["length"] == n) for n in lengths]
+    return lengths, means
+
+
+def passkey_comparison(all_results: Sequence[dict], path: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Accuracy with the needle far back (depths < 1) against prompt length: one panel per family,
+    one line per design (colour and marker), its memory-off control dashed beside it.
+
+    Args:
+        all_results: passkey results; those with ``memory_off`` true are controls, drawn with the
+            result of the same label.
+        path: the PNG to write.
+        labels: one per result (default: its ``design``); tells apart two checkpoints of one design.
+    """
+    labels = list(labels) if labels is not None else [r["design"] for r in all_results]
+    mains = {label: r for label, r in zip(labels, all_results) if not r.get("memory_off")}
+    controls = {label: r for label, r in zip(labels, all_results) if r.get("memory_off")}
+    panels = [name for name, _ in FAMILIES if any(family_of(r["design"]) == name for r in mains.values())]
+    panels += ["other"] if any(family_of(r["design"]) == "other" for r in mains.values()) else []
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 5), sharey=True, squeeze=False)
     ticks = sorted({c["length"] for r in all_results for c in r["cells"]})
-    ax.set_xticks(ticks, [format_length(n) for n in ticks])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("passkey accuracy (mean over depths)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    for ax, panel in zip(axes[0], panels):
+        mine = sorted(label for label, r in mains.items() if family_of(r["design"]) == panel)
+        for i, label in enumerate(mine):
+            style = dict(color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)])
+            ax.plot(*_far_accuracy(mains[label]), label=label, **style)
+            if label in controls:
+                ax.plot(*_far_accuracy(controls[label]), linestyle="--", alpha=0.6, markerfacecolor="none", **style)
+        if any(label in controls for label in mine):
+            ax.plot([], [], linestyle="--", color="grey", label="memory off (dashed)")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [format_length(n) for n in ticks], fontsize=7)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    axes[0][0].set_ylabel("accuracy, needle at depths < 1")
     return save_figure(fig, path)

@@ -348,3 +348,17 @@ def test_results_are_named_after_the_checkpoints_variant():
     assert results_stem("checkpoints/passkey-namm", "namm") == "namm"
     assert results_stem("checkpoints/passkey-infini-linear", "infini-linear") == "infini-linear"
     assert results_stem("runs/my-run/model", "window") == "window"
+
+
+def test_comparison_figure_leaves_depth_one_out_and_draws_a_panel_per_family(tmp_path):
+    """Depth 1 is local context, not memory: the figure's accuracy is the mean over depths < 1."""
+    from memzoo.plots import _far_accuracy, family_of, passkey_comparison
+
+    cells = [{"length": n, "depth": d, "accuracy": float(d == 1.0)} for n in (1024, 4096) for d in (0.0, 0.5, 1.0)]
+    assert _far_accuracy({"cells": cells}) == ([1024, 4096], [0.0, 0.0])
+    assert [family_of(n) for n in ("namm", "full", "infini-deltanet", "titans-mac", "ema")] == [
+        "KV eviction", "KV eviction", "compressive", "neural memory", "other"]  # fmt: skip
+    results = [{"design": "window", "cells": cells}, {"design": "infini-deltanet", "cells": cells},
+               {"design": "infini-deltanet", "cells": cells, "memory_off": True}]  # fmt: skip
+    path = passkey_comparison(results, tmp_path / "comparison.png", labels=["window", "infini-deltanet", "infini-deltanet"])
+    assert path.is_file() and path.stat().st_size > 0

@@ -120,6 +120,23 @@ def test_op_batched_matches_naive(name, strength):
             assert_close(z, z_ref, n=64, scale="max")  # sums of positive terms (ELU + 1), or of either sign (SiLU-L2)
 
 
+def test_deltanet_sub_chunks_equal_the_token_by_token_recurrence(monkeypatch):
+    """A segment of 8 written as sub-chunks of 3, 3 and 2 (+1 padding token) equals the naive
+    token-by-token recurrence, as one sub-chunk of 8 does (fp32; n = 64 written tokens)."""
+    import memzoo.ops.infini as ops
+
+    rule = MEMORY_RULES["deltanet"]
+    q, k, v = qkv(n=8 * 8)
+    b = torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(9))
+    M0, z0 = torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8)
+    ref, M_ref, _ = infini_attention_naive(q, k, v, M0, z0, None, segment_len=8, rule=rule, strength=b)
+    for chunk in (3, 8, 64):
+        monkeypatch.setattr(ops, "DELTANET_CHUNK", chunk)
+        out, M, _ = infini_attention(q, k, v, M0, z0, None, segment_len=8, rule=rule, strength=b)
+        assert_close(out, ref, n=64)
+        assert_close(M, M_ref, n=64, scale="max")
+
+
 # ------------------------------------------------------------------------- module vs naive
 @pytest.mark.parametrize("knobs", [dict(update_rule=r) for r in RULES] + list(VARIANTS.values()), ids=RULES + list(VARIANTS))
 def test_module_matches_naive_over_8_segments(knobs):

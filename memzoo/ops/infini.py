@@ -64,6 +64,7 @@ from .rope import apply_rope
 
 __all__ = [
     "EPS",
+    "DELTANET_CHUNK",
     "FEATURE_MAPS",
     "UPDATE_RULES",
     "MemoryRule",
@@ -178,22 +179,45 @@ def _strength(strength: Tensor | None, like: Tensor) -> Tensor:
     return strength.to(like.dtype)
 
 
-def _deltanet_factors(fk: Tensor, v: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """DeltaNet's chunk factors ``W_k = A^-1 diag(b) phi(K)`` and ``W_v = A^-1 diag(b) V``.
+#: tokens per DeltaNet sub-chunk: a segment is written as ceil(s / c) triangular systems of c
+#: tokens applied in turn (exactly the token-by-token recurrence); solving one system of s = 256
+#: tokens cost ~4x more than the four of 64 it replaces and was half of the design's streaming time
+DELTANET_CHUNK = 64
 
-    ``A = I + diag(b) tril(phi(K) phi(K)^T, -1)`` (unit lower triangular), so a segment written
-    from memory ``M`` adds ``phi(K)^T (W_v - W_k M)``. Neither factor depends on ``M``: all
-    segments' factors are one batched triangular solve.
+
+def _deltanet_factors(fk: Tensor, v: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """DeltaNet's factors of each sub-chunk: ``W_k = A^-1 diag(b) phi(K)`` and ``W_v = A^-1 diag(b) V``.
+
+    ``A = I + diag(b) tril(phi(K) phi(K)^T, -1)`` (unit lower triangular), so a sub-chunk written
+    into memory ``M`` adds ``phi(K)^T (W_v - W_k M)``. Neither factor depends on ``M``: the
+    factors of every sub-chunk of every segment are one batched triangular solve.
 
     Args:
         fk: [..., s, k] key features; v: [..., s, v]; b: [..., s] write strengths.
+
+    Returns:
+        ``fk``, ``W_k``, ``W_v`` cut into sub-chunks of :data:`DELTANET_CHUNK` tokens (the last
+        padded with zero keys of strength 0, which write nothing): [..., n, c, k], [..., n, c, k],
+        [..., n, c, v].
     """
-    s = fk.shape[-2]
+    s, chunk = fk.shape[-2], DELTANET_CHUNK
+    n = -(-s // chunk)
+    if n * chunk > s:
+        pad = n * chunk - s
+        fk, v, b = F.pad(fk, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(b, (0, pad))
+    fk, v = (t.reshape(*t.shape[:-2], n, chunk, t.shape[-1]) for t in (fk, v))
+    b = b.reshape(*b.shape[:-1], n, chunk)
     lower = torch.tril(einsum(fk, fk, "... i k, ... j k -> ... i j"), diagonal=-1)
-    A = torch.eye(s, dtype=fk.dtype, device=fk.device) + b[..., None] * lower
-    rhs = b[..., None] * torch.cat([fk, v], dim=-1)
-    W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    return W[..., : fk.shape[-1]], W[..., fk.shape[-1] :]
+    A = torch.eye(chunk, dtype=fk.dtype, device=fk.device) + b[..., None] * lower
+    W = torch.linalg.solve_triangular(A, b[..., None] * torch.cat([fk, v], dim=-1), upper=False, unitriangular=True)
+    return fk, W[..., : fk.shape[-1]], W[..., fk.shape[-1] :]
+
+
+def _deltanet_write(fk: Tensor, Wk: Tensor, Wv: Tensor, M: Tensor) -> Tensor:
+    """One segment's sub-chunks [b, h, n, c, *] (from :func:`_deltanet_factors`) written into ``M`` [b, h, k, v], in turn."""
+    for j in range(fk.shape[2]):
+        M = M + einsum(fk[:, :, j], Wv[:, :, j] - einsum(Wk[:, :, j], M, "b h c k, b h k v -> b h c v"), "b h c k, b h c v -> b h k v")
+    return M
 
 
 def memory_write(
@@ -218,14 +242,14 @@ def memory_write(
     with torch.autocast(k.device.type, enabled=False):
         fk, v, M, z = features(k.to(dtype), rule.feature_map), v.to(dtype), M.to(dtype), z.to(dtype)
         b = _strength(strength, fk)
+        dz = einsum(b, fk, "b h s, b h s k -> b h k")
         if rule.update_rule == "deltanet":
-            Wk, Wv = _deltanet_factors(fk, v, b)
-            new = Wv - einsum(Wk, M, "b h s k, b h k v -> b h s v")
-        elif rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
+            return _deltanet_write(*_deltanet_factors(fk, v, b), M), z + dz
+        if rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
             new = b[..., None] * (v - _read(fk, M, z, rule.normalize))
         else:
             new = b[..., None] * v
-        return M + einsum(fk, new, "b h s k, b h s v -> b h k v"), z + einsum(b, fk, "b h s, b h s k -> b h k")
+        return M + einsum(fk, new, "b h s k, b h s v -> b h k v"), z + dz
 
 
 def memory_scan(
@@ -281,16 +305,16 @@ def memory_scan(
             z_read = torch.cat([z.unsqueeze(2), z_after[:, :, :-1]], dim=2)
             return M_read, z_read, M_after[:, :, -1], z_after[:, :, -1]
         if rule.update_rule == "deltanet":
-            Wk, Wv = _deltanet_factors(fk, v, b)
+            chunks = _deltanet_factors(fk, v, b)  # [b, h, g, n, c, *]
         M_read, z_read = [], []
         for i in range(k.shape[2]):
             M_read.append(M)
             z_read.append(z)
             if rule.update_rule == "deltanet":
-                new = Wv[:, :, i] - einsum(Wk[:, :, i], M, "b h s k, b h k v -> b h s v")
+                M = _deltanet_write(*(t[:, :, i] for t in chunks), M)
             else:
-                new = b[:, :, i, :, None] * v[:, :, i]
-            M, z = M + einsum(fk[:, :, i], new, "b h s k, b h s v -> b h k v"), z + dz[:, :, i]
+                M = M + einsum(fk[:, :, i], b[:, :, i, :, None] * v[:, :, i], "b h s k, b h s v -> b h k v")
+            z = z + dz[:, :, i]
             if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
                 M, z = M.detach(), z.detach()
         return torch.stack(M_read, dim=2), torch.stack(z_read, dim=2), M, z

@@ -825,6 +825,38 @@ def infini_ablation_snippet() -> str:
     )
 
 
+def grid_with_control_snippet(stem: str) -> str:
+    """One checkpoint's passkey grid (length x depth) with its memory-off control under each length,
+    from ``docs/results/passkey/<stem>.json`` and ``docs/results/passkey-control/<stem>-memory-off.json``."""
+    from memzoo.plots import format_length
+
+    path, control_path = RESULTS / "passkey" / f"{stem}.json", RESULTS / "passkey-control" / f"{stem}-memory-off.json"
+    if not path.is_file():
+        return f"{NOT_MEASURED} Run `memzoo passkey eval --checkpoint checkpoints/passkey-{stem} --out docs/results/passkey`."
+    r = json.loads(path.read_text())
+    control = json.loads(control_path.read_text()) if control_path.is_file() else None
+    if control is not None and control.get("weights_sha256") != r.get("weights_sha256"):
+        control = None  # a control of other weights is no control
+    depths = sorted({c["depth"] for c in r["cells"]})
+    acc = {(c["length"], c["depth"]): c for c in r["cells"]}
+    off = {(c["length"], c["depth"]): c for c in control["cells"]} if control else {}
+    rows = []
+    for n in sorted({c["length"] for c in r["cells"]}):
+        rows.append([f"**{format_length(n)}**", *[f"{acc[n, d]['accuracy']:.2f}" if (n, d) in acc else "—" for d in depths],
+                     str(acc[n, depths[0]]["n"]) if (n, depths[0]) in acc else "—"])  # fmt: skip
+        if any((n, d) in off for d in depths):
+            rows.append([f"{format_length(n)}, memory off", *[f"{off[n, d]['accuracy']:.2f}" if (n, d) in off else "—" for d in depths],
+                         str(off[n, depths[0]]["n"]) if (n, depths[0]) in off else "—"])  # fmt: skip
+    header = ["length", *[f"depth {d:g}" + (" (local)" if d == 1 else "") for d in depths], "keys per cell"]
+    sources = f"`{rel(path)}`" + (f" and `{rel(control_path)}`" if control else "")
+    return (
+        table(header, rows)
+        + "\n\nExact match of the greedy answer. Depth 1 puts the needle right before the question, inside the local "
+        "window: a hit there is local context, not memory. The memory-off rows are the same weights with nothing "
+        "written to the memory (`memzoo.memory_off`).\n\n" + GENERATED_BY.format(what=sources)
+    )
+
+
 def training_probe_snippet(path: Path, name: str) -> str:
     """A run's ``probes.jsonl`` (copied into docs/results): answer cross-entropy by step, one line per length."""
     from memzoo.plots import format_length
@@ -1114,6 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
     write(GEN / "designs.md", designs_snippet(memzoo))
     write(GEN / "namm-feature-probe.md", namm_feature_probe_snippet())
     write(GEN / "infini-ablation.md", infini_ablation_snippet())
+    write(GEN / "infini-deltanet-grid.md", grid_with_control_snippet("infini-deltanet"))
     write(GEN / "infini-deltanet-training.md", training_probe_snippet(RESULTS / "infini" / "passkey-infini-deltanet-probes.jsonl",
                                                                       "infini-deltanet-training"))  # fmt: skip
     for w in warnings:

@@ -1,9 +1,10 @@
 """The Infini ablation: which change lets a compressive memory carry a passkey to the question.
 
 Each row trains the `infini` family for passkey from the same warm start (checkpoints/passkey-full)
-with the same short budget and curriculum as recipes/configs/passkey/infini-deltanet.yaml (its
-``--steps`` x 9,216 tokens per step), changing the memory's options one group at a time, then
-probes it (teacher-forced answer cross-entropy, 1K/4K/16K x 5 depths) with its memory on and off:
+with the same short budget (``--steps`` x 9,216 tokens per step) and curriculum (3 segments of
+256 tokens, then 6: the stage in which the full `infini-deltanet` run learned to read its memory,
+by step 400), changing the memory's options one group at a time, then probes it (teacher-forced
+answer cross-entropy, 1K/4K/16K x 5 depths) with its memory on and off:
 
     OMP_NUM_THREADS=1 python recipes/infini_ablation.py                        # -> runs/infini-ablation
     OMP_NUM_THREADS=1 python recipes/infini_ablation.py --out docs/results/infini/ablation.json
@@ -29,6 +30,8 @@ from memzoo.tasks.passkey_eval import probe_passkey
 from memzoo.training.recipe import load_recipe, train_recipe
 
 BASE = Path(__file__).parent / "configs" / "passkey" / "infini-deltanet.yaml"
+#: 9,216 tokens per step, as the base recipe; 250 steps up to 18 segments taught no row to read its memory
+CURRICULUM = [{"until": 0.4, "n_tokens": 768, "batch_size": 12}, {"until": 1.0, "n_tokens": 1536, "batch_size": 6}]
 
 #: row name -> (what it changes, the model section's memory options)
 ROWS = {
@@ -52,6 +55,7 @@ def run_row(name: str, options: dict, steps: int, root: Path, lengths: list[int]
     model = {k: v for k, v in recipe["model"].items() if k != "memory"}
     recipe["model"] = {**model, **options}
     recipe["eval"] = {k: v for k, v in recipe["eval"].items() if not k.startswith("probe")}
+    recipe["task"] = {**recipe["task"], "curriculum": CURRICULUM}
     recipe["train"] = {**recipe["train"], "steps": steps, "save_every": 25, "max_minutes": 0}
     out = root / name.replace(" ", "-").replace("+", "plus")
     summary = train_recipe(recipe, out, progress=True)
@@ -67,6 +71,7 @@ def run_row(name: str, options: dict, steps: int, root: Path, lengths: list[int]
         "model": recipe["model"],
         "steps": summary["steps"],
         "tokens_per_step": 9216,
+        "curriculum": CURRICULUM,
         "train_seconds": summary["train_seconds"],
         "warm_start": "checkpoints/passkey-full",
         "probe": on["cells"],
@@ -77,9 +82,9 @@ def run_row(name: str, options: dict, steps: int, root: Path, lengths: list[int]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=250, help="optimiser steps per row (9,216 tokens each)")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per row (9,216 tokens each)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="which rows (default: all)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/infini-ablation"), help="run folders")
+    parser.add_argument("--runs", type=Path, default=Path("runs/infini-ablation-400"), help="run folders")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: <runs>/ablation.json)")
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--probe-rows", type=int, default=4, help="prompts per probe cell")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"] = [r for r in results["rows"] if r["row"] != name] + [row]
         results["rows"].sort(key=lambda r: list(ROWS).index(r["row"]))
         machine = {"cpu_flags": cpu_flags(), "torch": torch.__version__, "python": platform.python_version()}
-        results.update(command=" ".join(["python recipes/infini_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
+        results.update(command=shlex.join(["python", "recipes/infini_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
                        machine=machine | {"threads": torch.get_num_threads()})  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(results, indent=1))

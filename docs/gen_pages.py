@@ -857,6 +857,25 @@ def grid_with_control_snippet(stem: str) -> str:
     )
 
 
+def memory_drift_snippet() -> str:
+    """A compressive memory's norm over a long stream (``recipes/infini_memory_drift.py``)."""
+    from memzoo.plots import format_length
+
+    path = RESULTS / "infini" / "memory-drift.json"
+    if not path.is_file():
+        return f"{NOT_MEASURED} Run `python recipes/infini_memory_drift.py --out docs/results/infini/memory-drift.json`."
+    d = json.loads(path.read_text())
+    rows = [[format_length(p["tokens"]), *[f"{v:.1f}" for v in p["norm"]], *[f"{v:.2f}" for v in p["moved_since_first"]]]
+            for p in d["points"]]  # fmt: skip
+    layers = len(d["points"][0]["norm"])
+    header = ["tokens", *[f"‖M‖ layer {i}" for i in range(layers)], *[f"moved, layer {i}" for i in range(layers)]]
+    return (
+        table(header, rows)
+        + f"\n\n`{d['checkpoint']}` streaming one {format_length(d['length'])}-token passkey prompt (needle at depth "
+        f"{d['depth']:g}); moved = ‖M − M₄ₖ‖ / ‖M₄ₖ‖.\n\n" + GENERATED_BY.format(what=f"`{rel(path)}`")
+    )
+
+
 def training_probe_snippet(path: Path, name: str) -> str:
     """A run's ``probes.jsonl`` (copied into docs/results): answer cross-entropy by step, one line per length."""
     from memzoo.plots import format_length
@@ -892,7 +911,7 @@ def training_probe_snippet(path: Path, name: str) -> str:
 def other_results_section() -> str:
     known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum"}
     drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json",  # performance_section(), the NAMM page
-             RESULTS / "infini" / "ablation.json"}  # the Infini page  # fmt: skip
+             RESULTS / "infini" / "ablation.json", RESULTS / "infini" / "memory-drift.json"}  # the Infini page  # fmt: skip
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
         return ""
@@ -1147,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
     write(GEN / "namm-feature-probe.md", namm_feature_probe_snippet())
     write(GEN / "infini-ablation.md", infini_ablation_snippet())
     write(GEN / "infini-deltanet-grid.md", grid_with_control_snippet("infini-deltanet"))
+    write(GEN / "infini-memory-drift.md", memory_drift_snippet())
     write(GEN / "infini-deltanet-training.md", training_probe_snippet(RESULTS / "infini" / "passkey-infini-deltanet-probes.jsonl",
                                                                       "infini-deltanet-training"))  # fmt: skip
     for w in warnings:

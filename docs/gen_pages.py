@@ -886,8 +886,11 @@ def training_probe_snippet(path: Path, name: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     lengths = sorted({c["length"] for p in probes for c in p["cells"]})
-    for n in lengths:
-        ax.plot([p["step"] for p in probes], [_probe_means(p["cells"])[n] for p in probes], marker="o", label=format_length(n))
+    from memzoo.plots import MARKERS, PALETTE
+
+    for i, n in enumerate(lengths):
+        ax.plot([p["step"] for p in probes], [_probe_means(p["cells"])[n] for p in probes], color=PALETTE[i], marker=MARKERS[i],
+                label=format_length(n))  # fmt: skip
     ax.axhline(math.log(10), color="grey", linestyle="--", linewidth=1, label="chance (ln 10)")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("answer CE, depths < 1 (nats/digit)")
@@ -1167,6 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
     write(GEN / "infini-ablation.md", infini_ablation_snippet())
     write(GEN / "infini-deltanet-grid.md", grid_with_control_snippet("infini-deltanet"))
     write(GEN / "infini-memory-drift.md", memory_drift_snippet())
+    write(GEN / "infini-budget-training.md", training_probe_snippet(RESULTS / "infini" / "passkey-infini-budget-probes.jsonl",
+                                                                   "infini-budget-training"))  # fmt: skip
     write(GEN / "infini-deltanet-training.md", training_probe_snippet(RESULTS / "infini" / "passkey-infini-deltanet-probes.jsonl",
                                                                       "infini-deltanet-training"))  # fmt: skip
     for w in warnings:

@@ -949,8 +949,28 @@ def training_budget(checkpoint: str | None) -> str:
         return f"`{info['derived_from']}`'s weights"
     minutes = (info.get("train_seconds", 0) + info.get("warm_start", {}).get("source_train_seconds", 0)) / 60
     warm = f" (warm from `{info['warm_start']['source']}`)" if "warm_start" in info else ""
-    tokens = f" × {info['tokens'] / info['steps'] / 1e3:.1f}K tokens" if info.get("tokens") and info.get("steps") else ""
-    return f"{info.get('steps', '?')} steps{tokens}, {minutes:.0f} min{warm}"
+    tokens = run_tokens(info)
+    per_step = f" × {tokens / info['steps'] / 1e3:.1f}K tokens" if tokens and info.get("steps") else ""
+    budget = run_tokens(json.loads(BUDGET_RECORD.read_text())) if BUDGET_RECORD.is_file() else None
+    below = " **below the task's budget**" if tokens and budget and tokens < budget else ""
+    return f"{info.get('steps', '?')} steps{per_step} = {tokens / 1e6:.1f}M tokens{below}, {minutes:.0f} min{warm}" if tokens else \
+        f"{info.get('steps', '?')} steps, {minutes:.0f} min{warm}"  # fmt: skip
+
+
+#: the passkey task's budget: the shared backbone's last stage (every trained design gets at least its tokens)
+BUDGET_RECORD = ROOT / "checkpoints" / "passkey-full" / "training.json"
+
+
+def run_tokens(info: dict) -> int | None:
+    """A run's own training tokens: recorded at ship time, else counted from its curriculum and steps."""
+    from memzoo.training.recipe import curriculum_tokens
+
+    if info.get("tokens"):
+        return info["tokens"]
+    planned = info.get("train", {}).get("steps") if isinstance(info.get("train"), dict) else None
+    if info.get("curriculum") and info.get("steps") and planned:
+        return curriculum_tokens(info["curriculum"], info["steps"], planned)
+    return None
 
 
 def summary_section() -> str:
@@ -1000,8 +1020,9 @@ def summary_section() -> str:
         "(`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its most recent "
         "`budget` tokens; `full` has none): a hit counts as memory only where it beats that control. State and "
         "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: optimiser steps and CPU "
-        "minutes, a warm start's source counted; the budgets "
-        "are not equal yet. Details, heatmaps and commands below.\n\n" + table(header, rows)
+        "minutes, a warm start's source counted in the minutes; the tokens are the run's own, and the task's budget is "
+        "the shared backbone's last stage (`passkey-full`): a trained checkpoint below it is flagged. Details, heatmaps and "
+        "commands below.\n\n" + table(header, rows)
     )
 
 

@@ -34,3 +34,20 @@ def test_the_summary_shows_a_control_of_the_same_weights_only(tmp_path, monkeypa
     control.write_text(json.dumps(result(0.25, "bbb", memory_off=True)))  # measured on other weights: stale
     summary = gen.summary_section()
     assert "| 0.75 |" in summary and "0.25" not in summary
+
+
+def test_a_checkpoint_below_the_tasks_budget_is_flagged(tmp_path, monkeypatch):
+    """Tokens are the run's own (recorded, or counted from its curriculum); below the backbone's last stage: flagged."""
+    gen = load_gen_pages()
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    curriculum = [{"until": 1.0, "n_tokens": 1000, "batch_size": 2}]
+    backbone = tmp_path / "checkpoints" / "passkey-full"
+    backbone.mkdir(parents=True)
+    record = {"steps": 10, "train": {"steps": 10}, "curriculum": curriculum, "train_seconds": 60}
+    (backbone / "training.json").write_text(json.dumps(record))
+    monkeypatch.setattr(gen, "BUDGET_RECORD", backbone / "training.json")
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "training.json").write_text(json.dumps(record | {"steps": 4}))
+    assert gen.training_budget("short") == "4 steps × 2.0K tokens = 0.0M tokens **below the task's budget**, 1 min"
+    assert gen.training_budget("checkpoints/passkey-full") == "10 steps × 2.0K tokens = 0.0M tokens, 1 min"

@@ -327,18 +327,19 @@ def _print_table(all_results: list[dict]) -> None:
     def label(r: dict) -> str:
         return design(r) + (" (off)" if r.get("memory_off") else "")
 
+    w = max([len("  memory off"), *(len(label(r)) for r in results)])  # the name column fits the longest name
     lengths = sorted({c["length"] for r in all_results for c in r["cells"]})
     columns = " ".join(f"{format_length(n):>6s}" for n in lengths)
-    print(f"{'design':14s} {columns}   (accuracy, mean over depths)")
+    print(f"{'design':{w}s} {columns}   (accuracy, mean over depths)")
     for r in results:
-        print(f"{label(r):14s} " + " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n])) for n in lengths))
+        print(f"{label(r):{w}s} " + " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n])) for n in lengths))
     print(
         "\nHow to read it: at depth 1 the needle sits right before the question, inside every design's local window, so a\n"
         "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory, and only\n"
         "where they beat the memory-off control (the line below a design: its memory switched off, local context kept):\n"
     )
     print("accuracy at depths < 1 (memory) by length | at depth 1 (local context) | state MiB and tokens/s")
-    print(f"{'design':14s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}")
+    print(f"{'design':{w}s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}")
 
     def accuracy_row(r: dict) -> str:
         far = " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1])) for n in lengths)
@@ -348,13 +349,13 @@ def _print_table(all_results: list[dict]) -> None:
         longest = [c for c in r["cells"] if c["length"] == max(c["length"] for c in r["cells"])]
         state = max((c.get("state_bytes", 0) for c in longest), default=0)
         speed = _mean([c["tokens_per_s"] for c in longest if "tokens_per_s" in c])
-        print(f"{label(r):14s} {accuracy_row(r)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
+        print(f"{label(r):{w}s} {accuracy_row(r)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
         if r.get("memory_off"):
             continue
         if design(r) in controls:
-            print(f"{'  memory off':14s} {accuracy_row(controls[design(r)])}")
+            print(f"{'  memory off':{w}s} {accuracy_row(controls[design(r)])}")
         elif controls:  # some controls were measured: say why this one has none
-            print(f"{'  memory off':14s} (none: {'it keeps every token' if r['design'] == 'full' else 'not measured'})")
+            print(f"{'  memory off':{w}s} (none: {'it keeps every token' if r['design'] == 'full' else 'not measured'})")
     measured = any(r.get("memory_off") for r in all_results)
     note = "" if measured else "; no memory-off control measured (memzoo passkey compare measures it unless --no-control)"
     print(f"(state and tokens/s at each design's longest length, batch 1{note})")

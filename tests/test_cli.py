@@ -166,9 +166,9 @@ def test_the_main_table_separates_memory_from_local_context(capsys):
     _print_table([{"design": "window", "cells": cells(0.0, 1.0)}, {"design": "namm", "cells": cells(0.75, 1.0)}])
     out = capsys.readouterr().out
     grid, memory = out.split("How to read it")
-    assert "window           0.33   0.33" in grid  # the mean over depths hides that only depth 1 is answered
-    assert "window           0.00   0.00      1.00         1.0      1,000" in memory
-    assert "namm             0.75   0.75      1.00" in memory
+    assert "window         0.33   0.33" in grid  # the mean over depths hides that only depth 1 is answered
+    assert "window         0.00   0.00      1.00         1.0      1,000" in memory
+    assert "namm           0.75   0.75      1.00" in memory
     assert "local context, not memory" in memory
     assert "memory off" not in memory.split("accuracy at depths")[1].split("(state")[0]  # no control measured: no line
     assert "no memory-off control measured" in memory
@@ -186,8 +186,8 @@ def test_the_main_table_puts_each_designs_memory_off_control_below_it(capsys):
     memory = capsys.readouterr().out.split("How to read it")[1]
     lines = memory.splitlines()
     namm = next(i for i, line in enumerate(lines) if line.startswith("namm "))
-    assert lines[namm + 1] == "  memory off     0.00   0.00      1.00"  # the control, right below the design
-    assert "  memory off   (none: it keeps every token)" in memory  # full has none, and says why
+    assert lines[namm + 1] == "  memory off   0.00   0.00      1.00"  # the control, right below the design
+    assert "  memory off (none: it keeps every token)" in memory  # full has none, and says why
     assert sum(line.startswith("namm") for line in lines) == 1  # the control is no row of its own
 
 
@@ -213,3 +213,12 @@ def test_list_answers_from_the_catalog_without_torch():
     assert [line.split()[0] for line in out[:-1]] == list(catalog())
     live = subprocess.run([sys.executable, "-m", "memzoo.cli", "list", "--live"], capture_output=True, text=True, check=True).stdout
     assert live.splitlines() == out[:-1]
+
+
+def test_the_main_table_fits_the_longest_name(capsys):
+    from memzoo.cli import _print_table
+
+    cells = [{"length": 1024, "depth": d, "accuracy": 1.0, "state_bytes": 1, "tokens_per_s": 1} for d in (0.0, 1.0)]
+    _print_table([{"design": "infini-deltanet", "cells": cells}, {"design": "h2o", "cells": cells}])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("infini-deltanet", "h2o"))]
+    assert len(rows) == 4 and len({line.index("1.00") for line in rows}) == 1  # every number column starts alike

@@ -156,7 +156,7 @@ def test_memory_off_control_from_the_cli(tmp_path, capsys):
     assert "keeping 2 cells" in out  # the control measured above is reused, the memory's is not
     assert json.loads((tmp_path / "res" / "sinks.json").read_text()).get("memory_off") is None
     table = out.split("How to read it")[1]
-    assert "  memory off     " in table and "(none: it keeps every token)" in table
+    assert "  memory off   " in table and "(none: it keeps every token)" in table
 
 
 def test_probe_streams_to_the_answer_and_matches_one_forward(tmp_path):

@@ -986,7 +986,7 @@ def summary_section() -> str:
     controls = {p.stem.removesuffix("-memory-off"): r for p, r in control_files if r.get("memory_off") and isinstance(r.get("cells"), list)}
 
     def far_accuracy(cells: list, n: int) -> float | None:
-        return _mean([c["accuracy"] for c in cells if c["length"] == n and c["depth"] < 1])
+        return _probe_means(cells, "accuracy").get(n)
 
     def with_control(v: float | None, r: dict, stem: str, n: int) -> str:
         if v is None:

@@ -99,7 +99,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         designs = catalog()
     else:
-        designs = json.loads((Path(__file__).with_name("catalog.json")).read_text())
+        designs = json.loads(Path(__file__).with_name("catalog.json").read_text())  # memzoo.registry.CATALOG, read without torch
     width = max(map(len, designs))
     cls_width = max(len(d["config"]) for d in designs.values())
     for name, d in designs.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import memzoo
+import memzoo.ops.infini as infini_ops
 from memzoo.bench import cpu_flags
 from memzoo.io import write_text_atomic
 
@@ -27,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stream-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deltanet-chunk", type=int, default=None,
+                        help="tokens per DeltaNet sub-chunk (default: memzoo's DELTANET_CHUNK); e.g. 256 = one solve per segment")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench_infini.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.deltanet_chunk:
+        infini_ops.DELTANET_CHUNK = args.deltanet_chunk
     models = {n: memzoo.build(n, d_model=128, n_layers=3, n_heads=4) for n in DESIGNS}
     ids = torch.randint(3, 259, (1, args.stream_tokens))
     batch = torch.randint(3, 259, (2, 4608))
@@ -56,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_stream": round(min(stream["infini-deltanet"]) / min(stream["infini"]), 2),
         "ratio_train": round(min(train["infini-deltanet"]) / min(train["infini"]), 2),
         "config": {"d_model": 128, "n_layers": 3, "n_heads": 4, "stream_tokens": args.stream_tokens, "segment_len": 2048,
-                   "train_batch": list(batch.shape), "repeats": args.repeats, "threads": 1},  # fmt: skip
+                   "train_batch": list(batch.shape), "repeats": args.repeats, "threads": 1,
+                   "deltanet_chunk": infini_ops.DELTANET_CHUNK},  # fmt: skip
         "machine": {"cpu_flags": cpu_flags(), "torch": torch.__version__},
-        "command": f"python recipes/bench_infini.py --out {args.out}",
+        "command": "python recipes/bench_infini.py" + (f" --deltanet-chunk {args.deltanet_chunk}" if args.deltanet_chunk else "")
+        + f" --out {args.out}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps(result, indent=1))

@@ -180,8 +180,8 @@ def _strength(strength: Tensor | None, like: Tensor) -> Tensor:
 
 
 #: tokens per DeltaNet sub-chunk: a segment is written as ceil(s / c) triangular systems of c
-#: tokens applied in turn (exactly the token-by-token recurrence); solving one system of s = 256
-#: tokens cost ~4x more than the four of 64 it replaces and was half of the design's streaming time
+#: tokens applied in turn (exactly the token-by-token recurrence); one system of s = 256 tokens
+#: costs ~4x the multiply-adds of four of 64 (``recipes/bench_infini.py --deltanet-chunk`` times both)
 DELTANET_CHUNK = 64
 
 
@@ -238,18 +238,8 @@ def memory_write(
     Reference: arXiv 2404.07143, section 2.1.2, linear and delta memory updates; DeltaNet
     (arXiv 2406.06484), its chunkwise form.
     """
-    dtype = _memory_dtype(M)
-    with torch.autocast(k.device.type, enabled=False):
-        fk, v, M, z = features(k.to(dtype), rule.feature_map), v.to(dtype), M.to(dtype), z.to(dtype)
-        b = _strength(strength, fk)
-        dz = einsum(b, fk, "b h s, b h s k -> b h k")
-        if rule.update_rule == "deltanet":
-            return _deltanet_write(*_deltanet_factors(fk, v, b), M), z + dz
-        if rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
-            new = b[..., None] * (v - _read(fk, M, z, rule.normalize))
-        else:
-            new = b[..., None] * v
-        return M + einsum(fk, new, "b h s k, b h s v -> b h k v"), z + dz
+    _, _, M, z = memory_scan(k[:, :, None], v[:, :, None], M, z, rule, None if strength is None else strength[:, :, None])
+    return M, z
 
 
 def memory_scan(
@@ -268,7 +258,8 @@ def memory_scan(
     The linear rule is a cumulative sum over segments (no loop); the delta rules depend on the
     memory before each segment, so they loop over segments (only the small [k, v] update is
     sequential: the reads of all segments are then one einsum, and DeltaNet's triangular solves
-    are batched over segments before the loop).
+    are batched over segments before the loop). Every rule's update is written here once;
+    :func:`memory_write` is this scan over one segment.
 
     Args:
         k: [b, h, g, s, k] un-rotated keys of g segments; v: [b, h, g, s, v].
@@ -285,15 +276,6 @@ def memory_scan(
     """
     dtype = _memory_dtype(M)
     M, z = M.to(dtype), z.to(dtype)
-    if rule.update_rule == "delta":
-        M_read, z_read = [], []
-        for i in range(k.shape[2]):
-            M_read.append(M)
-            z_read.append(z)
-            M, z = memory_write(k[:, :, i], v[:, :, i], M, z, rule, None if strength is None else strength[:, :, i])
-            if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
-                M, z = M.detach(), z.detach()
-        return torch.stack(M_read, dim=2), torch.stack(z_read, dim=2), M, z
     with torch.autocast(k.device.type, enabled=False):
         fk, v = features(k.to(dtype), rule.feature_map), v.to(dtype)
         b = _strength(strength, fk)
@@ -305,7 +287,7 @@ def memory_scan(
             z_read = torch.cat([z.unsqueeze(2), z_after[:, :, :-1]], dim=2)
             return M_read, z_read, M_after[:, :, -1], z_after[:, :, -1]
         if rule.update_rule == "deltanet":
-            chunks = _deltanet_factors(fk, v, b)  # [b, h, g, n, c, *]
+            chunks = _deltanet_factors(fk, v, b)  # [b, h, g, n, c, *]: M-independent, all at once
         M_read, z_read = [], []
         for i in range(k.shape[2]):
             M_read.append(M)
@@ -313,7 +295,10 @@ def memory_scan(
             if rule.update_rule == "deltanet":
                 M = _deltanet_write(*(t[:, :, i] for t in chunks), M)
             else:
-                M = M + einsum(fk[:, :, i], b[:, :, i, :, None] * v[:, :, i], "b h s k, b h s v -> b h k v")
+                new = v[:, :, i]
+                if rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
+                    new = new - _read(fk[:, :, i], M, z, rule.normalize)
+                M = M + einsum(fk[:, :, i], b[:, :, i, :, None] * new, "b h s k, b h s v -> b h k v")
             z = z + dz[:, :, i]
             if detach_every > 0 and (segments_done + i + 1) % detach_every == 0:
                 M, z = M.detach(), z.detach()

@@ -69,7 +69,8 @@ def spectrogram(signal: Tensor) -> Tensor:
     The numbers of ``torch.stft(n_fft=32, hop_length=16, window=hann_window(32, periodic=True),
     center=False, onesided=True).abs()``, computed as one strided convolution with the 34 windowed
     DFT filters (17 frequencies, real and imaginary) and ``hypot``: for 32-sample frames that is
-    ~4x faster than FFTs plus a complex ``abs``, which took most of NAMM's time.
+    faster than FFTs plus a complex ``abs``, which took most of NAMM's time (``recipes/bench_namm.py``
+    splits NAMM's time by step).
 
     Args:
         signal: [..., w] columns, w = HOP * (r + 1) for r >= 1 frames.

@@ -6,6 +6,8 @@
     memzoo passkey train --config recipes/configs/passkey/infini.yaml --out runs/passkey-infini
     memzoo passkey eval --checkpoint checkpoints/passkey-infini --max-length 1M
     memzoo passkey probe --checkpoint checkpoints/passkey-infini   # does the key reach the question? (seconds)
+    memzoo recall train --config recipes/configs/recall/full.yaml --out runs/recall-full
+    memzoo recall compare             # long-gap associative recall of checkpoints/recall-*, memory-off controls beside
     memzoo booksum train --config recipes/configs/booksum/infini.yaml --out runs/booksum-infini
     memzoo booksum compare            # ROUGE of checkpoints/booksum-* on held-out 64K-token synthetic books
     memzoo namm evolve --config recipes/configs/evolve/namm.yaml   # CMA-ES for the NAMM scorer, then ship it
@@ -225,12 +227,12 @@ def _reusable_cells(
     return kept, list(earlier.get("commands", []))
 
 
-def results_stem(checkpoint: str | Path, design: str) -> str:
+def results_stem(checkpoint: str | Path, design: str, task: str = "passkey") -> str:
     """Name of a checkpoint's results file: the design, or the variant a shipped folder names
     (``checkpoints/passkey-namm-paper`` -> ``namm-paper``), so two checkpoints of one design keep
     separate results."""
     folder = Path(checkpoint).name
-    return folder.removeprefix("passkey-") if folder.startswith(f"passkey-{design}-") else design
+    return folder.removeprefix(f"{task}-") if folder.startswith(f"{task}-{design}-") else design
 
 
 def _results_file(out: str | Path, checkpoint: str | Path, design: str, *, memory_off: bool = False) -> Path:
@@ -508,6 +510,168 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
     _print_table(all_results)
     print(f"wrote {len(all_results)} results JSON, heatmaps and {figure} under {args.out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- recall
+
+
+def _recall_file(out: str | Path, checkpoint: str | Path, design: str, *, memory_off: bool = False) -> Path:
+    """``OUT/<stem>.json`` of a checkpoint's recall results, ``OUT/<stem>-memory-off.json`` of its control."""
+    return Path(out) / f"{results_stem(checkpoint, design, 'recall')}{'-memory-off' if memory_off else ''}.json"
+
+
+def _gaps(args: argparse.Namespace) -> list[int]:
+    from memzoo.units import parse_length
+
+    gaps = [parse_length(x) for x in args.gaps]
+    if args.max_gap:
+        gaps = [g for g in gaps if g <= parse_length(args.max_gap)]
+    if not gaps:
+        raise SystemExit("no gaps left to evaluate: check --gaps / --max-gap")
+    return gaps
+
+
+def _evaluate_recall_checkpoint(path: str, args: argparse.Namespace, *, memory_off: bool = False) -> dict | None:
+    """Evaluate one checkpoint on long-gap recall (or its memory-off control); results JSON.
+
+    Cells of an earlier run with the same weights, seed, ks and queries are kept, and their (gap,
+    variant) pairs skipped, so long gaps can be added later to the same file. Returns None for the
+    control of a design with no memory to switch off (``full``)."""
+    import torch
+
+    import memzoo
+    from memzoo.interface import describe_memory_off
+    from memzoo.tasks.passkey_eval import save_results
+    from memzoo.tasks.recall import evaluate_recall
+
+    torch.manual_seed(0)
+    model = memzoo.load(path)
+    name = model.config.memory
+    control = {}
+    if memory_off:
+        means = describe_memory_off(model)
+        if means is None:
+            print(f"{name}: no memory-off control (it keeps every token it was given)")
+            return None
+        control = {"memory_off": True, "memory_off_means": means}
+    out_json = _recall_file(args.out, path, name, memory_off=memory_off)
+    weights = _weights_sha256(path)
+    same = {"weights_sha256": weights, "seed": args.seed, "ks": args.ks, "min_queries": args.min_queries, "memory_off": memory_off}
+    earlier = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else {}
+    kept = earlier.get("cells", []) if all(earlier.get(key, False if key == "memory_off" else None) == v for key, v in same.items()) else []
+    done = {(c["gap"], c["variant"]) for c in kept}
+    todo = [(g, v) for v in args.variants for g in _gaps(args) if (g, v) not in done]
+    commands = list(earlier.get("commands", [])) if kept else []
+    if kept:
+        print(f"{name}: keeping {len(kept)} cells of {out_json} (same weights, seed, ks and queries)")
+    if todo or not commands:
+        commands.append(_command_line(args))
+    header = {"design": name, "checkpoint": str(path), "commands": commands} | same | control
+    cells = list(kept)
+
+    def save_partial(cell: dict) -> None:  # a long evaluation keeps what it has if interrupted
+        cells.append(cell)
+        save_results({"cells": cells} | header | {"complete": False}, out_json)
+
+    with memzoo.memory_off(model) if memory_off else contextlib.nullcontext():
+        for variant in args.variants:
+            gaps = [g for g, v in todo if v == variant]
+            if gaps:
+                results = evaluate_recall(model, gaps=gaps, ks=args.ks, variants=[variant], min_queries=args.min_queries, seed=args.seed,
+                                          segment_len=args.segment_len, progress=not args.quiet, on_cell=save_partial)  # fmt: skip
+    cells.sort(key=lambda c: (c["variant"] != "standard", c["gap"], c["k"]))
+    results = header | {
+        "gaps": sorted({c["gap"] for c in cells}),
+        "variants": sorted({c["variant"] for c in cells}, key=lambda v: v != "standard"),
+        "chance": 10.0**-3,
+        "cells": cells,
+        "complete": True,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    save_results(results, out_json)
+    return results
+
+
+def _print_recall_table(all_results: list[dict]) -> None:
+    """Per variant and k: query accuracy by gap, each design's memory-off control on the line below it."""
+    from memzoo.units import format_length
+
+    def design(r: dict) -> str:
+        return results_stem(r["checkpoint"], r["design"], "recall") if r.get("checkpoint") else r["design"]
+
+    controls = {design(r): r for r in all_results if r.get("memory_off")}
+    results = sorted((r for r in all_results if not r.get("memory_off")), key=design)
+    results += [r for r in all_results if r.get("memory_off") and design(r) not in {design(x) for x in results}]
+    w = max([len("  memory off"), *(len(design(r)) + 6 for r in results)])
+    gaps = sorted({c["gap"] for r in all_results for c in r["cells"]})
+    ks = sorted({c["k"] for r in all_results for c in r["cells"]})
+    variants = sorted({c["variant"] for r in all_results for c in r["cells"]}, key=lambda v: v != "standard")
+
+    def row(r: dict, variant: str, k: int) -> str:
+        acc = {c["gap"]: c["accuracy"] for c in r["cells"] if c["variant"] == variant and c["k"] == k}
+        return " ".join(f"{acc[g]:6.2f}" if g in acc else f"{'-':>6s}" for g in gaps)
+
+    print("query accuracy (every value character right; chance 0.001) by gap between the pairs and the queries")
+    for variant in variants:
+        for k in ks:
+            print(f"\n{variant}, {k} pair{'s' if k > 1 else ''}")
+            print(f"{'design':{w}s} " + " ".join(f"{format_length(g):>6s}" for g in gaps) + "   state MiB")
+            for r in results:
+                state = max((c["state_bytes"] for c in r["cells"]), default=0) / 2**20
+                label = design(r) + (" (off)" if r.get("memory_off") else "")
+                print(f"{label:{w}s} {row(r, variant, k)}   {state:9.1f}")
+                if not r.get("memory_off") and design(r) in controls:
+                    print(f"{'  memory off':{w}s} {row(controls[design(r)], variant, k)}")
+    print("\n(state bytes per sequence at each design's longest gap; memory off: the Infini/Titans read zeroed,"
+          " an eviction cache reduced to its recent window)")
+
+
+def _cmd_recall_eval(args: argparse.Namespace) -> int:
+    results = _evaluate_recall_checkpoint(args.checkpoint, args, memory_off=args.memory_off)
+    if results is None:
+        raise ValueError(f"{args.checkpoint} keeps every token: it has no memory-off control (drop --memory-off)")
+    _print_recall_table([results])
+    print(f"wrote {_recall_file(args.out, args.checkpoint, results['design'], memory_off=args.memory_off)}")
+    return 0
+
+
+def _cmd_recall_compare(args: argparse.Namespace) -> int:
+    from memzoo.plots import recall_comparison, recall_state
+
+    paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("recall-*") if (p / "config.json").is_file())
+    if not paths:
+        raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
+    all_results, start = [], time.perf_counter()
+    jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
+    for i, (path, off) in enumerate(jobs):
+        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
+        all_results.append(_evaluate_recall_checkpoint(path, args, memory_off=off))
+    all_results = [r for r in all_results if r is not None]
+    labels = [results_stem(r["checkpoint"], r["design"], "recall") for r in all_results]
+    figures = [recall_comparison(all_results, Path(args.out) / f"comparison-{v}.png", labels=labels, variant=v) for v in args.variants]
+    gap = max(g for g in _gaps(args) if g <= 16384) if min(_gaps(args)) <= 16384 else min(_gaps(args))
+    k = 16 if 16 in args.ks else max(args.ks)
+    figures.append(recall_state(all_results, Path(args.out) / "state.png", labels=labels, gap=gap, k=k))
+    _print_recall_table(all_results)
+    print(f"wrote {len(all_results)} results JSON and {', '.join(str(f) for f in figures)}")
+    return 0
+
+
+def _add_recall_options(p: argparse.ArgumentParser, gaps: list[str], out: str) -> None:
+    p.add_argument("--gaps", nargs="+", type=_length, default=gaps,
+                   help=f"gaps between pairs and queries, e.g. 4K 1M (default {' '.join(gaps)})")  # fmt: skip
+    p.add_argument("--max-gap", type=_length, default=None, help="drop gaps above this (e.g. 16K)")
+    p.add_argument("--ks", nargs="+", type=_positive_int, default=[1, 4, 16, 64], help="pairs per row")
+    p.add_argument("--variants", nargs="+", choices=["standard", "overwrite"], default=["standard"],
+                   help="overwrite: an update block halfway through the gap reassigns a quarter of the keys")  # fmt: skip
+    p.add_argument("--min-queries", type=_positive_int, default=8, help="queries per (gap, k) at least: ceil(this / k) rows of each k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segment-len", type=_positive_int, default=2048, help="tokens per forward call while streaming")
+    p.add_argument("--out", default=out, help="folder for results JSON and figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--memory-off", action="store_true", help="evaluate the memory-off control instead (results <design>-memory-off.json)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the finished (gap, variant) cells of OUT/<design>.json of the same weights, seed, ks, queries")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- booksum
@@ -810,6 +974,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate each checkpoint with its memory off, printed on the line below it (--no-control: skip)",
     )
     p.set_defaults(func=_cmd_passkey_compare)
+
+    recall = sub.add_parser("recall", help="long-gap associative recall (MQAR): train, evaluate, compare")
+    recall = recall.add_subparsers(dest="action", required=True)
+    _add_run_commands(recall, "recall")
+
+    p = recall.add_parser("eval", help="query accuracy of one checkpoint by gap, pairs and variant (JSON)")
+    p.add_argument("--checkpoint", required=True, type=_checkpoint)
+    _add_recall_options(p, ["1K", "4K", "16K", "64K", "256K", "1M"], "runs/recall-eval")
+    p.set_defaults(func=_cmd_recall_eval)
+
+    p = recall.add_parser("compare", help="recall of checkpoints side by side, memory-off controls beside (default: checkpoints/recall-*)")
+    p.add_argument("--checkpoints", nargs="+", type=_checkpoint, default=None)
+    _add_recall_options(p, ["1K", "4K"], "runs/recall-compare")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate each checkpoint with its memory off, printed on the line below it (--no-control: skip)")  # fmt: skip
+    p.set_defaults(func=_cmd_recall_compare)
 
     booksum = sub.add_parser("booksum", help="book summarization: train, evaluate (ROUGE), compare")
     booksum = booksum.add_subparsers(dest="action", required=True)

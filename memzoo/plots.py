@@ -13,12 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .io import atomic_file  # noqa: E402
 from .units import format_length  # noqa: E402  (re-exported: figures and tables label lengths alike)
 
-__all__ = ["passkey_heatmap", "passkey_comparison", "family_of", "format_length", "save_figure", "PALETTE", "MARKERS", "FAMILIES"]
+__all__ = [
+    "passkey_heatmap", "passkey_comparison", "recall_comparison", "recall_state", "family_of", "format_length", "save_figure",
+    "PALETTE", "MARKERS", "FAMILIES",
+]  # fmt: skip
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (creating folders, atomically) and close a figure."""
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out (inside ``rect`` of the figure, if given: room for a figure legend), write (creating
+    folders, atomically) and close a figure."""
+    fig.tight_layout(rect=rect)
     try:
         with atomic_file(path) as tmp:  # an interrupted run leaves the previous figure whole
             fig.savefig(tmp, dpi=120)
@@ -107,4 +111,71 @@ def passkey_comparison(all_results: Sequence[dict], path: str | Path, labels: Se
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     axes[0][0].set_ylabel("accuracy, needle at depths < 1")
+    return save_figure(fig, path)
+
+
+def _recall_curve(results: dict, k: int, variant: str = "standard") -> tuple[list[int], list[float]]:
+    cells = sorted((c for c in results["cells"] if c["k"] == k and c["variant"] == variant), key=lambda c: c["gap"])
+    return [c["gap"] for c in cells], [c["accuracy"] for c in cells]
+
+
+def recall_comparison(all_results: Sequence[dict], path: str | Path, labels: Sequence[str] | None = None,
+                      variant: str = "standard") -> Path:  # fmt: skip
+    """Recall accuracy against the gap: one panel per number of pairs k, one line per design (colour
+    and marker), its memory-off control dashed beside it.
+
+    Args:
+        all_results: recall results (:func:`memzoo.tasks.recall.evaluate_recall`); those with
+            ``memory_off`` true are controls, drawn with the result of the same label.
+        path: the PNG to write.
+        labels: one per result (default: its ``design``).
+        variant: ``standard`` or ``overwrite``.
+    """
+    labels = list(labels) if labels is not None else [r["design"] for r in all_results]
+    mains = {label: r for label, r in zip(labels, all_results) if not r.get("memory_off")}
+    controls = {label: r for label, r in zip(labels, all_results) if r.get("memory_off")}
+    ks = sorted({c["k"] for r in all_results for c in r["cells"]})
+    ticks = sorted({c["gap"] for r in all_results for c in r["cells"]})
+    fig, axes = plt.subplots(1, max(1, len(ks)), figsize=(3.6 * max(1, len(ks)), 4.8), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for i, label in enumerate(sorted(mains)):
+            style = dict(color=PALETTE[i % len(PALETTE)], marker=MARKERS[(i // len(PALETTE) + i) % len(MARKERS)])
+            ax.plot(*_recall_curve(mains[label], k, variant), label=label, **style)
+            if label in controls:
+                ax.plot(*_recall_curve(controls[label], k, variant), linestyle="--", alpha=0.6, markerfacecolor="none", **style)
+        ax.set_title(f"{k} pair{'s' if k > 1 else ''} ({variant})", fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [format_length(n) for n in ticks], fontsize=7)
+        ax.set_xlabel("gap between pairs and queries (tokens)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("query accuracy (exact value)")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if controls:
+        handles.append(plt.Line2D([], [], linestyle="--", color="grey"))
+        names.append("memory off (dashed)")
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(7, len(names)), frameon=False)
+    return save_figure(fig, path, rect=(0, 0.12, 1, 1))
+
+
+def recall_state(all_results: Sequence[dict], path: str | Path, labels: Sequence[str] | None = None, *, gap: int, k: int) -> Path:
+    """Accuracy at one gap and k against the state's bytes per sequence: filled markers the designs,
+    hollow ones their memory-off controls."""
+    labels = list(labels) if labels is not None else [r["design"] for r in all_results]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    names = sorted({label for label in labels})
+    for label, r in zip(labels, all_results):
+        cell = next((c for c in r["cells"] if c["gap"] == gap and c["k"] == k and c["variant"] == "standard"), None)
+        if cell is None:
+            continue
+        i = names.index(label)
+        off = bool(r.get("memory_off"))
+        ax.scatter(cell["state_bytes"] / 2**20, cell["accuracy"], color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)],
+                   facecolors="none" if off else PALETTE[i % len(PALETTE)], s=50, label=None if off else label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("state per sequence (MiB, log scale)")
+    ax.set_ylabel(f"query accuracy, {k} pairs, gap {format_length(gap)}")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="hollow: memory off", title_fontsize=7)
     return save_figure(fig, path)

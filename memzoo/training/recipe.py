@@ -7,12 +7,13 @@ A recipe has three sections::
     train:   {steps: 1500, lr: 0.004, segment_len: 256, ...}        # TrainConfig fields
     eval:    {lengths: [...], depths: [...], n_keys: 5}             # read by the task's evaluator
 
-A passkey recipe's ``eval`` may also ask for the teacher-forced probe during training:
-``probe_every: 200`` (steps; at each save that falls on a multiple, and at the end),
-``probe_lengths: [1K, 4K, 16K]`` and ``probe_rows: 4`` (prompts per cell, at ``eval.depths``).
-Each probe appends ``{"step", "train_s", "cells"}`` to ``probes.jsonl`` in the run folder (the
-cells of :func:`~memzoo.tasks.passkey_eval.probe_passkey`), so a run's log shows when the memory
-starts to carry the key, not only the training loss.
+A passkey or recall recipe's ``eval`` may also ask for a probe during training:
+``probe_every: 200`` (steps; at each save that falls on a multiple, and at the end), and for
+passkey ``probe_lengths: [1K, 4K, 16K]`` and ``probe_rows: 4`` (prompts per cell, at ``eval.depths``),
+for recall ``probe_gaps: [256, 1K]`` (at ``eval.ks``). Each probe appends ``{"step", "train_s",
+"cells"}`` to ``probes.jsonl`` in the run folder (the cells of
+:func:`~memzoo.tasks.passkey_eval.probe_passkey` or :func:`~memzoo.tasks.recall.evaluate_recall`),
+so a run's log shows when the memory starts to carry the facts, not only the training loss.
 
 Tasks make batches through a ``batch_fn(step, generator)``; a curriculum is a list of stages
 ``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``. A stage may instead hold
@@ -132,8 +133,22 @@ def _booksum_batch_fn(task: dict, steps: int) -> BatchFn:
     return batch_fn
 
 
+def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
+    from ..tasks.recall import make_recall_training_batch
+
+    tok = default_tokenizer()
+    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 2048), "batch_size": task.get("batch_size", 4)}]
+    options = {k: task[k] for k in ("ks", "overwrite_prob", "key_len", "value_len", "answer_weight", "other_weight") if k in task}
+
+    def batch_fn(step: int, generator) -> dict:
+        stage = curriculum_stage(curriculum, step, steps)
+        return make_recall_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
+
+    return batch_fn
+
+
 #: task name -> (task section, total steps) -> batch_fn
-TASKS = {"passkey": _passkey_batch_fn, "booksum-synthetic": _booksum_batch_fn}
+TASKS = {"passkey": _passkey_batch_fn, "booksum-synthetic": _booksum_batch_fn, "recall": _recall_batch_fn}
 
 
 def make_batch_fn(task: dict, steps: int) -> BatchFn:
@@ -141,12 +156,55 @@ def make_batch_fn(task: dict, steps: int) -> BatchFn:
     return TASKS[task["name"]](task, steps)
 
 
-PROBE_DEFAULTS = {"probe_lengths": [1024, 4096, 16384], "probe_rows": 4}
+PROBE_DEFAULTS = {"probe_lengths": [1024, 4096, 16384], "probe_rows": 4, "probe_gaps": [256, 1024]}
+
+
+def _passkey_probe(ev: dict):
+    from ..tasks.passkey_eval import probe_passkey
+    from ..units import format_length, parse_length
+
+    lengths = [parse_length(x) for x in ev.get("probe_lengths", PROBE_DEFAULTS["probe_lengths"])]
+    depths = ev.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0])
+    rows = ev.get("probe_rows", PROBE_DEFAULTS["probe_rows"])
+
+    def run(model) -> list[dict]:
+        return probe_passkey(model, lengths=lengths, depths=depths, n_rows=rows, progress=False)["cells"]
+
+    def summary(cells: list[dict]) -> str:
+        by_length = {n: [c["answer_ce"] for c in cells if c["length"] == n and c["depth"] < 1] for n in lengths}
+        shown = ", ".join(f"{format_length(n)} {sum(v) / len(v):.2f}" for n, v in by_length.items() if v)
+        return f"answer cross-entropy at depths < 1 (nats per digit; chance 2.30): {shown}"
+
+    return run, summary
+
+
+def _recall_probe(ev: dict):
+    from ..tasks.recall import evaluate_recall
+    from ..units import format_length, parse_length
+
+    gaps = [parse_length(x) for x in ev.get("probe_gaps", PROBE_DEFAULTS["probe_gaps"])]
+    ks = ev.get("ks", [1, 4, 16, 64])
+
+    def run(model) -> list[dict]:
+        return evaluate_recall(model, gaps=gaps, ks=ks, progress=False)["cells"]
+
+    def summary(cells: list[dict]) -> str:
+        per_gap = ("; ".join(f"k={c['k']} {c['accuracy']:.2f}" for c in cells if c["gap"] == g) for g in gaps)
+        return "recall accuracy by gap: " + " | ".join(f"{format_length(g)}: {text}" for g, text in zip(gaps, per_gap))
+
+    return run, summary
+
+
+#: task name -> eval section -> (run(model) -> cells, summary(cells) -> one line)
+PROBES = {"passkey": _passkey_probe, "recall": _recall_probe}
 
 
 def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
-    """The trainer's ``on_save`` callback that probes a passkey model every ``eval.probe_every`` steps (None if unset).
+    """The trainer's ``on_save`` callback that probes the model every ``eval.probe_every`` steps (None if unset).
 
+    Passkey: the teacher-forced answer cross-entropy (:func:`~memzoo.tasks.passkey_eval.probe_passkey`)
+    at ``eval.probe_lengths`` x ``eval.depths``, ``probe_rows`` prompts per cell. Recall: the query
+    accuracy (:func:`~memzoo.tasks.recall.evaluate_recall`) at ``eval.probe_gaps`` x ``eval.ks``.
     The probe runs without gradients on prompts of its own seed and puts the model back in
     training mode, so it changes nothing the next step computes (a resumed run stays exact).
     """
@@ -156,17 +214,13 @@ def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
         return None
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"eval.probe_every must be a positive number of steps, got {every!r}")
-    if recipe["task"]["name"] != "passkey":
-        raise ValueError(f"eval.probe_every probes passkey retrieval; task {recipe['task']['name']!r} has no probe: remove it")
+    task = recipe["task"]["name"]
+    if task not in PROBES:
+        raise ValueError(f"eval.probe_every probes {' or '.join(PROBES)}; task {task!r} has no probe: remove it")
     import torch
     from tqdm.auto import tqdm
 
-    from ..tasks.passkey_eval import probe_passkey
-    from ..units import format_length, parse_length
-
-    lengths = [parse_length(x) for x in ev.get("probe_lengths", PROBE_DEFAULTS["probe_lengths"])]
-    depths = ev.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0])
-    rows = ev.get("probe_rows", PROBE_DEFAULTS["probe_rows"])
+    run, summary = PROBES[task](ev)
     path = Path(out_dir) / "probes.jsonl"
 
     def hook(trainer: Trainer) -> None:
@@ -174,15 +228,13 @@ def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
             return
         model, was_training = trainer.model, trainer.model.training
         with torch.no_grad():
-            result = probe_passkey(model, lengths=lengths, depths=depths, n_rows=rows, progress=False)
+            cells = run(model)
         model.train(was_training)
         truncate_log(path, "step", trainer.step - 1)  # a probe of this step from a killed run goes
         with open(path, "a") as f:
-            f.write(json.dumps({"step": trainer.step, "train_s": round(trainer.train_seconds, 1), "cells": result["cells"]}) + "\n")
+            f.write(json.dumps({"step": trainer.step, "train_s": round(trainer.train_seconds, 1), "cells": cells}) + "\n")
         if progress:
-            by_length = {n: [c["answer_ce"] for c in result["cells"] if c["length"] == n and c["depth"] < 1] for n in lengths}
-            shown = ", ".join(f"{format_length(n)} {sum(v) / len(v):.2f}" for n, v in by_length.items() if v)
-            tqdm.write(f"probe at step {trainer.step}: answer cross-entropy at depths < 1 (nats per digit; chance 2.30): {shown}")
+            tqdm.write(f"probe at step {trainer.step}: {summary(cells)}")
 
     return hook
 

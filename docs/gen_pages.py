@@ -617,6 +617,78 @@ def passkey_section() -> str:
     return "\n\n".join(parts)
 
 
+def recall_section() -> str:
+    """Long-gap associative recall: accuracy by gap per design and k, each with its memory-off control, and the figures."""
+    from memzoo.plots import format_length, recall_comparison, recall_state
+
+    files, problems = load_json_files(RESULTS / "recall")
+    valid = [(p, r) for p, r in files if isinstance(r.get("cells"), list) and r["cells"] and "design" in r]
+    parts = ["## Long-gap associative recall (MQAR)"]
+    if not valid:
+        parts.append(f"{NOT_MEASURED} No recall results under `docs/results/recall/` yet: `memzoo recall compare --out docs/results/recall` writes them.")
+        return "\n\n".join(parts + [f"- {p}" for p in problems])
+    mains = {p.stem: r for p, r in valid if not r.get("memory_off")}
+    controls = {p.stem.removesuffix("-memory-off"): r for p, r in valid if r.get("memory_off")}
+    controls = {stem: c for stem, c in controls.items() if stem in mains and c.get("weights_sha256") == mains[stem].get("weights_sha256")}
+    gaps = sorted({c["gap"] for r in mains.values() for c in r["cells"]})
+    ks = sorted({c["k"] for r in mains.values() for c in r["cells"]})
+
+    def accuracy(r: dict, k: int, gap: int, variant: str = "standard") -> float | None:
+        return next((c["accuracy"] for c in r["cells"] if c["k"] == k and c["gap"] == gap and c["variant"] == variant), None)
+
+    def cell(stem: str, k: int, gap: int, variant: str = "standard") -> str:
+        v = accuracy(mains[stem], k, gap, variant)
+        if v is None:
+            return "—"
+        off = accuracy(controls[stem], k, gap, variant) if stem in controls else None
+        return f"{v:.2f}" + (f" / {off:.2f}" if off is not None else "")
+
+    parts.append(
+        "Each row writes *k* key-value pairs (3-letter keys, 3-digit values), then a filler gap, then asks for every key "
+        "in random order (teacher forced, as in Zoology's MQAR); a query counts when all three digits are the model's "
+        "argmax (chance 0.001). The same pairs at every gap. `memory / off`: the same checkpoint with its memory "
+        "switched off (`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its "
+        "most recent `budget` tokens; `full` keeps every token and has none). **A gap inside a design's local window is "
+        "local context, not memory**; beyond it, only an accuracy above the control is the memory's. Trained designs share "
+        "one budget (`checkpoints/recall-*/training.json`); the eviction designs reuse `recall-full`'s weights."
+    )
+    header = ["checkpoint", "family", *[format_length(g) for g in gaps], "state"]
+    for k in ks:
+        rows = []
+        for stem, r in sorted(mains.items()):
+            state = max((c.get("state_bytes", 0) for c in r["cells"] if c["gap"] == max(g["gap"] for g in r["cells"])), default=0)
+            rows.append([f"`{stem}`", family(r["design"]), *[cell(stem, k, g) for g in gaps], fmt_bytes(state)])
+        parts.append(f"### {k} pair{'s' if k > 1 else ''}: query accuracy by gap (memory / off)\n\n" + table(header, rows))
+    if any(c["variant"] == "overwrite" for r in mains.values() for c in r["cells"]):
+        rows = []
+        for stem, r in sorted(mains.items()):
+            moved = {c["gap"]: c for c in r["cells"] if c["variant"] == "overwrite" and c["k"] == max(ks)}
+            if moved:
+                rows.append([f"`{stem}`", *[f"{moved[g]['accuracy']:.2f} ({moved[g]['updated_accuracy']:.2f})" if g in moved else "—" for g in gaps]])
+        parts.append(
+            f"### Overwrite variant, {max(ks)} pairs: all queries (the reassigned keys alone)\n\n"
+            "A quarter of the keys get new values halfway through the gap; their queries ask for the latest.\n\n"
+            + table(["checkpoint", *[format_length(g) for g in gaps]], rows)
+        )
+    stems = sorted(mains)
+    results = [mains[s] for s in stems] + [controls[s] for s in stems if s in controls]
+    labels = stems + [s for s in stems if s in controls]
+    recall_comparison(results, FIG / "recall_accuracy_vs_gap.png", labels=labels)
+    parts.append("![recall accuracy against the gap, one panel per number of pairs](generated/figures/recall_accuracy_vs_gap.png)")
+    gap = max((g for g in gaps if g <= 16384), default=gaps[0])
+    k = 16 if 16 in ks else max(ks)
+    recall_state(results, FIG / "recall_state.png", labels=labels, gap=gap, k=k)
+    parts.append(
+        f"![accuracy at gap {format_length(gap)} with {k} pairs against state bytes](generated/figures/recall_state.png)\n\n"
+        f"Accuracy at gap {format_length(gap)} with {k} pairs against the bytes of state each design carries per sequence; "
+        "hollow: memory off."
+    )
+    cmds = [f"# {stem}\n" + "\n".join(writes_into(c, RESULTS / "recall") for c in r.get("commands", [])) for stem, r in sorted(mains.items())]
+    cmds += [f"# {stem} (memory off)\n" + "\n".join(writes_into(x, RESULTS / "recall") for x in c.get("commands", [])) for stem, c in sorted(controls.items())]
+    parts.append("### Reproduce these runs\n\n```bash\n" + "\n".join(cmds) + "\n```")
+    return "\n\n".join(parts + [f"- {p}" for p in problems])
+
+
 def passkey_probe_section() -> str:
     """The teacher-forced probe (``memzoo passkey probe``, ``recipes/passkey_probe.sh``): how far each wrong answer is."""
     from memzoo.plots import format_length
@@ -912,7 +984,7 @@ def training_probe_snippet(path: Path, name: str) -> str:
 
 
 def other_results_section() -> str:
-    known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum"}
+    known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum", RESULTS / "recall"}
     drawn = {RESULTS / "bench" / "bench.json", RESULTS / "namm" / "feature_probe.json",  # performance_section(), the NAMM page
              RESULTS / "infini" / "ablation.json", RESULTS / "infini" / "memory-drift.json"}  # the Infini page  # fmt: skip
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
@@ -1032,6 +1104,7 @@ def comparison_snippet(measured: dict) -> None:
         summary_section(),
         passkey_section(),
         passkey_probe_section(),
+        recall_section(),
         booksum_section(),
         performance_section(),
         "## State size against context length (measured)\n\n"

@@ -16,6 +16,7 @@ segment boundary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from .config import MemZooConfig
 from .interface import MemoryModule, MemoryState, iter_tensors
@@ -164,6 +166,18 @@ class StreamOutput:
     n_tokens: int
 
 
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' progress bars off for the block (its "Loading weights" / "Writing model shards"), as they were after."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class MemZooPreTrainedModel(PreTrainedModel):
     config_class = MemZooConfig
     base_model_prefix = "memzoo"
@@ -179,7 +193,8 @@ class MemZooPreTrainedModel(PreTrainedModel):
         ``tie_word_embeddings`` flipped) must not load as a silently different model.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        with _no_transformers_bars():  # a one-file checkpoint loads in milliseconds: its bar only floods logs
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {kind: sorted(map(str, info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {kind: keys for kind, keys in problems.items() if keys}
         if problems:
@@ -256,7 +271,7 @@ class MemZooForCausalLM(MemZooPreTrainedModel, GenerationMixin):
 
         if dtype is not None:
             kwargs["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in self.state_dict().items()}
-        with atomic_directory(save_directory) as tmp:
+        with atomic_directory(save_directory) as tmp, _no_transformers_bars():  # a bar per save floods a training log
             super().save_pretrained(tmp, **kwargs)
             (tokenizer or default_tokenizer()).save_pretrained(tmp)
             _write_auto_map(Path(tmp))

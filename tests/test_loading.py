@@ -55,3 +55,15 @@ def test_a_whole_checkpoint_loads_and_can_report_its_loading_info(ckpt):
     # exact: the same tensors read from the same file
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_saving_and_loading_print_no_transformers_progress_bar(tmp_path, capsys):
+    """A training run saves every few steps: transformers' per-save bars would flood its log."""
+    from transformers.utils import logging as hf_logging
+
+    model = memzoo.build("full", d_model=32, n_layers=1, n_heads=2)
+    model.save_pretrained(tmp_path / "m")
+    memzoo.load(tmp_path / "m")
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # switched off for the block only

@@ -138,11 +138,12 @@ def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
 
     tok = default_tokenizer()
     curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 2048), "batch_size": task.get("batch_size", 4)}]
-    options = {k: task[k] for k in ("ks", "overwrite_prob", "key_len", "value_len", "answer_weight", "other_weight") if k in task}
+    names = ("ks", "overwrite_prob", "key_len", "value_len", "answer_weight", "other_weight")
+    options = {k: task[k] for k in names if k in task}
 
     def batch_fn(step: int, generator) -> dict:
-        stage = curriculum_stage(curriculum, step, steps)
-        return make_recall_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options)
+        stage = curriculum_stage(curriculum, step, steps)  # a stage may set its own ks (few pairs first)
+        return make_recall_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options | {k: stage[k] for k in names if k in stage})
 
     return batch_fn
 

@@ -625,7 +625,8 @@ def recall_section() -> str:
     valid = [(p, r) for p, r in files if isinstance(r.get("cells"), list) and r["cells"] and "design" in r]
     parts = ["## Long-gap associative recall (MQAR)"]
     if not valid:
-        parts.append(f"{NOT_MEASURED} No recall results under `docs/results/recall/` yet: `memzoo recall compare --out docs/results/recall` writes them.")
+        parts.append(f"{NOT_MEASURED} No recall results under `docs/results/recall/` yet: "
+                     "`memzoo recall compare --out docs/results/recall` writes them.")  # fmt: skip
         return "\n\n".join(parts + [f"- {p}" for p in problems])
     mains = {p.stem: r for p, r in valid if not r.get("memory_off")}
     controls = {p.stem.removesuffix("-memory-off"): r for p, r in valid if r.get("memory_off")}
@@ -664,7 +665,8 @@ def recall_section() -> str:
         for stem, r in sorted(mains.items()):
             moved = {c["gap"]: c for c in r["cells"] if c["variant"] == "overwrite" and c["k"] == max(ks)}
             if moved:
-                rows.append([f"`{stem}`", *[f"{moved[g]['accuracy']:.2f} ({moved[g]['updated_accuracy']:.2f})" if g in moved else "—" for g in gaps]])
+                shown = [f"{moved[g]['accuracy']:.2f} ({moved[g]['updated_accuracy']:.2f})" if g in moved else "—" for g in gaps]
+                rows.append([f"`{stem}`", *shown])
         parts.append(
             f"### Overwrite variant, {max(ks)} pairs: all queries (the reassigned keys alone)\n\n"
             "A quarter of the keys get new values halfway through the gap; their queries ask for the latest.\n\n"
@@ -683,8 +685,11 @@ def recall_section() -> str:
         f"Accuracy at gap {format_length(gap)} with {k} pairs against the bytes of state each design carries per sequence; "
         "hollow: memory off."
     )
-    cmds = [f"# {stem}\n" + "\n".join(writes_into(c, RESULTS / "recall") for c in r.get("commands", [])) for stem, r in sorted(mains.items())]
-    cmds += [f"# {stem} (memory off)\n" + "\n".join(writes_into(x, RESULTS / "recall") for x in c.get("commands", [])) for stem, c in sorted(controls.items())]
+    def commands(r: dict) -> str:
+        return "\n".join(writes_into(c, RESULTS / "recall") for c in r.get("commands", []))
+
+    cmds = [f"# {stem}\n{commands(r)}" for stem, r in sorted(mains.items())]
+    cmds += [f"# {stem} (memory off)\n{commands(c)}" for stem, c in sorted(controls.items())]
     parts.append("### Reproduce these runs\n\n```bash\n" + "\n".join(cmds) + "\n```")
     return "\n\n".join(parts + [f"- {p}" for p in problems])
 

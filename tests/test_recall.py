@@ -180,3 +180,13 @@ def test_recall_recipe_trains_and_probes(tmp_path):
     assert [entry["step"] for entry in log] == [1, 2, 3] and all(entry["ce_answer"] > 0 for entry in log)
     probes = [json.loads(line) for line in (tmp_path / "run" / "probes.jsonl").read_text().splitlines()]
     assert [p["step"] for p in probes] == [3] and [(c["gap"], c["k"]) for c in probes[0]["cells"]] == [(64, 1), (64, 4)]
+
+
+def test_a_curriculum_stage_may_set_its_own_ks():
+    from memzoo.training.recipe import make_batch_fn
+
+    task = {"name": "recall", "ks": [4], "curriculum": [{"until": 0.5, "n_tokens": 300, "batch_size": 3, "ks": [1]},
+                                                        {"until": 1.0, "n_tokens": 300, "batch_size": 3}]}  # fmt: skip
+    batch_fn = make_batch_fn(task, steps=4)
+    early, late = (batch_fn(step, torch.Generator().manual_seed(0))["metric_masks"]["answer"].sum(1) for step in (0, 3))
+    assert early.tolist() == [3, 3, 3] and late.tolist() == [12, 12, 12]  # 1 or 4 queried values of 3 digits

@@ -143,7 +143,8 @@ def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
 
     def batch_fn(step: int, generator) -> dict:
         stage = curriculum_stage(curriculum, step, steps)  # a stage may set its own ks (few pairs first)
-        return make_recall_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **options | {k: stage[k] for k in names if k in stage})
+        mine = options | {k: stage[k] for k in names if k in stage}
+        return make_recall_training_batch(stage["batch_size"], stage["n_tokens"], tok, generator, **mine)
 
     return batch_fn
 

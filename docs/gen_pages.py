@@ -644,10 +644,12 @@ def recall_section() -> str:
         off = accuracy(controls[stem], k, gap, variant) if stem in controls else None
         return f"{v:.2f}" + (f" / {off:.2f}" if off is not None else "")
 
+    any_result = next(iter(mains.values()))
+    key_len, value_len = any_result.get("key_len", "?"), any_result.get("value_len", "?")
     parts.append(
-        "Each row writes *k* key-value pairs (3-letter keys, 3-digit values), then a filler gap, then asks for every key "
-        "in random order (teacher forced, as in Zoology's MQAR); a query counts when all three digits are the model's "
-        "argmax (chance 0.001). The same pairs at every gap. `memory / off`: the same checkpoint with its memory "
+        f"Each row writes *k* key-value pairs ({key_len}-letter keys, {value_len}-digit values), then a filler gap, then asks "
+        "for every key in random order (teacher forced, as in Zoology's MQAR); a query counts when every digit of its value "
+        f"is the model's argmax (chance {any_result.get('chance', 0):g}). The same pairs at every gap. `memory / off`: the same checkpoint with its memory "
         "switched off (`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its "
         "most recent `budget` tokens; `full` keeps every token and has none). **A gap inside a design's local window is "
         "local context, not memory**; beyond it, only an accuracy above the control is the memory's. Trained designs share "

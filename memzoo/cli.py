@@ -542,7 +542,7 @@ def _evaluate_recall_checkpoint(path: str, args: argparse.Namespace, *, memory_o
     import memzoo
     from memzoo.interface import describe_memory_off
     from memzoo.tasks.passkey_eval import save_results
-    from memzoo.tasks.recall import evaluate_recall
+    from memzoo.tasks.recall import KEY_LEN, VALUE_LEN, evaluate_recall
 
     torch.manual_seed(0)
     model = memzoo.load(path)
@@ -583,7 +583,9 @@ def _evaluate_recall_checkpoint(path: str, args: argparse.Namespace, *, memory_o
     results = header | {
         "gaps": sorted({c["gap"] for c in cells}),
         "variants": sorted({c["variant"] for c in cells}, key=lambda v: v != "standard"),
-        "chance": 10.0**-3,
+        "key_len": KEY_LEN,
+        "value_len": VALUE_LEN,
+        "chance": 10.0**-VALUE_LEN,
         "cells": cells,
         "complete": True,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -611,7 +613,8 @@ def _print_recall_table(all_results: list[dict]) -> None:
         acc = {c["gap"]: c["accuracy"] for c in r["cells"] if c["variant"] == variant and c["k"] == k}
         return " ".join(f"{acc[g]:6.2f}" if g in acc else f"{'-':>6s}" for g in gaps)
 
-    print("query accuracy (every value character right; chance 0.001) by gap between the pairs and the queries")
+    chance = min(r.get("chance", 1.0) for r in all_results)
+    print(f"query accuracy (every value character right; chance {chance:g}) by gap between the pairs and the queries")
     for variant in variants:
         for k in ks:
             print(f"\n{variant}, {k} pair{'s' if k > 1 else ''}")

@@ -12,6 +12,8 @@ import memzoo
 from memzoo.cli import main
 from memzoo.tasks.passkey import _filler
 from memzoo.tasks.recall import (
+    KEY_LEN,
+    VALUE_LEN,
     PAIRS_HEADER,
     QUERY_HEADER,
     UPDATE_HEADER,
@@ -28,15 +30,15 @@ from memzoo.training.recipe import train_recipe
 def test_a_row_holds_its_pairs_a_gap_of_the_stated_length_and_queries_of_every_key():
     g = torch.Generator().manual_seed(0)
     row = make_recall_row(5, 200, g, lead=30)
-    pairs_end = row.text.index(PAIRS_HEADER) + len(PAIRS_HEADER) + 5 * item_len(3, 3)
+    pairs_end = row.text.index(PAIRS_HEADER) + len(PAIRS_HEADER) + 5 * item_len(KEY_LEN, VALUE_LEN)
     assert row.text.index(PAIRS_HEADER) == 30  # the lead is filler before the pairs
     assert row.query_start - pairs_end == 200 == row.gap
     assert row.text[row.query_start :].startswith(QUERY_HEADER)
     assert sorted(key for key, _, _ in row.value_spans) == sorted(row.pairs)  # every key asked once
     for key, start, end in row.value_spans:
-        assert row.text[start - 4 : start] == f"{key}=" and row.text[start:end] == row.pairs[key]
+        assert row.text[start - KEY_LEN - 1 : start] == f"{key}=" and row.text[start:end] == row.pairs[key]
         assert f"{key}={row.pairs[key]} " in row.text[:pairs_end]
-    assert len(set(row.pairs)) == 5 and all(len(v) == 3 and v.isdigit() for v in row.pairs.values())
+    assert len(set(row.pairs)) == 5 and all(len(v) == VALUE_LEN and v.isdigit() for v in row.pairs.values())
     assert UPDATE_HEADER not in row.text
 
 
@@ -46,7 +48,7 @@ def test_the_overwrite_variant_asks_for_the_latest_value_and_keeps_the_gap():
     assert len(row.updated) == 2 and all(row.answers[k] != row.pairs[k] for k in row.updated)
     assert all(row.answers[k] == row.pairs[k] for k in row.pairs if k not in row.updated)
     block = row.text.index(UPDATE_HEADER)
-    pairs_end = row.text.index(PAIRS_HEADER) + len(PAIRS_HEADER) + 8 * item_len(3, 3)
+    pairs_end = row.text.index(PAIRS_HEADER) + len(PAIRS_HEADER) + 8 * item_len(KEY_LEN, VALUE_LEN)
     assert pairs_end < block < row.query_start and row.query_start - pairs_end == 300  # the update is inside the gap
     for key, start, end in row.value_spans:
         assert row.text[start:end] == row.answers[key]
@@ -66,10 +68,10 @@ def test_a_cells_rows_align_their_query_blocks_and_repeat_small_k():
 
 def test_training_batches_are_exact_length_and_weigh_the_answers_as_one_group():
     tok = memzoo.tokenizer()
-    batch = make_recall_training_batch(6, 700, tok, 3, ks=(1, 4, 16, 64))  # k = 64 (~1,040 tokens) does not fit
+    batch = make_recall_training_batch(6, 700, tok, 3, ks=(1, 4, 16, 64))  # k = 64 (~780 tokens) does not fit
     ids, labels, weights, answer = batch["input_ids"], batch["labels"], batch["loss_weights"], batch["metric_masks"]["answer"]
     assert ids.shape == (6, 700) and (labels[:, 0] == -100).all() and torch.equal(labels[:, 1:], ids[:, 1:])
-    assert set((answer.sum(1) // 3).tolist()) <= {1, 4, 16}  # 3 digits per queried value
+    assert set((answer.sum(1) // VALUE_LEN).tolist()) <= {1, 4, 16}  # VALUE_LEN digits per queried value
     torch.testing.assert_close(weights.sum(1), torch.full((6,), 1.2))  # answer 1.0 + other 0.2 per row
     torch.testing.assert_close((weights * answer).sum(1), torch.ones(6))
     for row in range(6):  # the answer mask covers digits that follow "=" in the query block
@@ -189,4 +191,4 @@ def test_a_curriculum_stage_may_set_its_own_ks():
                                                         {"until": 1.0, "n_tokens": 300, "batch_size": 3}]}  # fmt: skip
     batch_fn = make_batch_fn(task, steps=4)
     early, late = (batch_fn(step, torch.Generator().manual_seed(0))["metric_masks"]["answer"].sum(1) for step in (0, 3))
-    assert early.tolist() == [3, 3, 3] and late.tolist() == [12, 12, 12]  # 1 or 4 queried values of 3 digits
+    assert early.tolist() == [VALUE_LEN] * 3 and late.tolist() == [4 * VALUE_LEN] * 3  # 1 or 4 queried values

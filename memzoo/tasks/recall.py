@@ -5,7 +5,7 @@ multi-byte keys and values and a filler gap between the pairs and the queries, a
 (Rodkin et al. 2024, arXiv 2407.04841): the memory has to carry ``k`` facts across ``G`` tokens
 and give back the one each query asks for. A row reads::
 
-    <filler>Pairs: qzu=804 bkt=311 ... <filler: the gap, G tokens>Recall: bkt=311 qzu=804 ...
+    <filler>Pairs: qz=80 bk=31 ... <filler: the gap, G tokens>Recall: bk=31 qz=80 ...
 
 Each pair item is ``key + "=" + value + " "`` (lowercase-letter keys, distinct in a row; digit
 values). The queries are the row's keys in random order, each followed by its value; a query is
@@ -47,9 +47,11 @@ from ..tokenization import tokenizer as default_tokenizer
 from .passkey import _byte_offset, _encode, _filler
 
 __all__ = [
+    "KEY_LEN",
     "PAIRS_HEADER",
     "QUERY_HEADER",
     "UPDATE_HEADER",
+    "VALUE_LEN",
     "RecallRow",
     "evaluate_recall",
     "make_recall_row",
@@ -63,6 +65,10 @@ QUERY_HEADER = "Recall: "
 
 KEY_ALPHABET = string.ascii_lowercase
 VALUE_ALPHABET = string.digits
+#: characters per key and per value. Two each: a 3-layer backbone warm-started from passkey learned one
+#: pair with 3-letter keys and 3-digit values in 700 steps but not yet four (2.3 -> 1.9 nats per digit)
+KEY_LEN = 2
+VALUE_LEN = 2
 
 
 @dataclass
@@ -123,8 +129,8 @@ def make_recall_row(
     lead: int = 0,
     n_updates: int = 0,
     update_at: float = 0.5,
-    key_len: int = 3,
-    value_len: int = 3,
+    key_len: int = KEY_LEN,
+    value_len: int = VALUE_LEN,
 ) -> RecallRow:
     """One row: ``lead`` filler characters, ``k`` pairs, a gap of ``gap`` tokens, ``k`` queries.
 
@@ -196,8 +202,8 @@ def make_recall_training_batch(
     *,
     ks: Sequence[int] = (1, 4, 16, 64),
     overwrite_prob: float = 0.25,
-    key_len: int = 3,
-    value_len: int = 3,
+    key_len: int = KEY_LEN,
+    value_len: int = VALUE_LEN,
     answer_weight: float = 1.0,
     other_weight: float = 0.2,
 ) -> dict[str, Any]:
@@ -257,8 +263,8 @@ def recall_cell_rows(
     *,
     overwrite: bool = False,
     min_queries: int = 8,
-    key_len: int = 3,
-    value_len: int = 3,
+    key_len: int = KEY_LEN,
+    value_len: int = VALUE_LEN,
 ) -> list[RecallRow]:
     """The rows of one evaluation cell: for each ``k``, ``ceil(min_queries / k)`` rows, aligned.
 
@@ -318,8 +324,8 @@ def evaluate_recall(
     seed: int = 0,
     tokenizer: Any = None,
     segment_len: int = 2048,
-    key_len: int = 3,
-    value_len: int = 3,
+    key_len: int = KEY_LEN,
+    value_len: int = VALUE_LEN,
     progress: bool = True,
     on_cell: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -392,6 +398,8 @@ def evaluate_recall(
         "variants": list(variants),
         "min_queries": min_queries,
         "seed": seed,
+        "key_len": key_len,
+        "value_len": value_len,
         "chance": 10.0**-value_len,
         "cells": cells,
     }

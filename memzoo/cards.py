@@ -99,8 +99,9 @@ def _warm_start_lines(training: dict) -> list[str]:
         return []
     source = warm.get("source_train_seconds")
     total = f"; with the source's own {source / 60:.1f} min, {(source + training['train_seconds']) / 60:.1f} min in all" if source else ""
+    what = warm.get("source_note", "the backbone it shares")
     return [
-        f"- warm start: {warm['copied']} tensors from `{warm['source']}` (the backbone it shares{total}); "
+        f"- warm start: {warm['copied']} tensors from `{warm['source']}` ({what}{total}); "
         f"its own {len(warm['kept_init'])} tensors started fresh"
     ]
 

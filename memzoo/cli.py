@@ -439,6 +439,8 @@ def _cmd_ship(args: argparse.Namespace) -> int:
             earlier = json.loads(record.read_text())
             chain = earlier.get("train_seconds", 0.0) + earlier.get("warm_start", {}).get("source_train_seconds", 0.0)
             info["warm_start"] = summary["warm_start"] | {"source_train_seconds": chain}
+            if source.resolve() == Path(args.out).resolve():  # a later stage shipped over its own warm start
+                info["warm_start"]["source_note"] = "the earlier checkpoint at this path, which this one replaces"
     _write_training(args.out, info)
     print(f"wrote {args.out} from {run}")
     return 0

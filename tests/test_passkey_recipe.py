@@ -266,8 +266,11 @@ def test_card_reports_the_warm_start_and_the_total_time():
                                                        "source_train_seconds": 1800.0}}  # fmt: skip
     (line,) = _warm_start_lines(training)
     assert "23 tensors from `checkpoints/passkey-full`" in line and "30.0 min, 40.0 min in all" in line
-    assert "3 tensors started fresh" in line
+    assert "3 tensors started fresh" in line and "the backbone it shares" in line
     assert _warm_start_lines({"train_seconds": 1.0}) == []
+    # a later stage shipped over its own warm start says so, rather than naming itself as its source
+    training["warm_start"]["source_note"] = "the earlier checkpoint at this path, which this one replaces"
+    assert "(the earlier checkpoint at this path, which this one replaces;" in _warm_start_lines(training)[0]
 
 
 def test_card_says_when_only_depth_one_is_answered(tmp_path):

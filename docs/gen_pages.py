@@ -647,13 +647,14 @@ def recall_section() -> str:
     any_result = next(iter(mains.values()))
     key_len, value_len = any_result.get("key_len", "?"), any_result.get("value_len", "?")
     parts.append(
-        f"Each row writes *k* key-value pairs ({key_len}-letter keys, {value_len}-digit values), then a filler gap, then asks "
-        "for every key in random order (teacher forced, as in Zoology's MQAR); a query counts when every digit of its value "
-        f"is the model's argmax (chance {any_result.get('chance', 0):g}). The same pairs at every gap. `memory / off`: the same checkpoint with its memory "
-        "switched off (`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its "
-        "most recent `budget` tokens; `full` keeps every token and has none). **A gap inside a design's local window is "
-        "local context, not memory**; beyond it, only an accuracy above the control is the memory's. Trained designs share "
-        "one budget (`checkpoints/recall-*/training.json`); the eviction designs reuse `recall-full`'s weights."
+        f"Each row writes *k* key-value pairs ({key_len}-letter keys, {value_len}-digit values), then a filler gap, "
+        "then asks for every key in random order (teacher forced, as in Zoology's MQAR); a query counts when every "
+        f"digit of its value is the model's argmax (chance {any_result.get('chance', 0):g}). The same pairs at every "
+        "gap. `memory / off`: the same checkpoint with its memory switched off (`memzoo.memory_off`: the Infini and "
+        "Titans memories never written, an eviction cache cut to its most recent `budget` tokens; `full` keeps every "
+        "token and has none). **A gap inside a design's local window is local context, not memory**; beyond it, only "
+        "an accuracy above the control is the memory's. Trained designs share one budget "
+        "(`checkpoints/recall-*/training.json`); the eviction designs reuse `recall-full`'s weights."
     )
     header = ["checkpoint", "family", *[format_length(g) for g in gaps], "state"]
     for k in ks:

@@ -240,29 +240,50 @@ def _results_file(out: str | Path, checkpoint: str | Path, design: str, *, memor
     return Path(out) / f"{results_stem(checkpoint, design)}{'-memory-off' if memory_off else ''}.json"
 
 
+def _load_for_eval(path: str, memory_off: bool) -> tuple:
+    """``(model, control fields)`` of a checkpoint to evaluate (seeded), or ``(None, None)`` for the
+    memory-off control of a design that keeps every token (``full``): it has none, and says so."""
+    import torch
+
+    import memzoo
+    from memzoo.interface import describe_memory_off
+
+    torch.manual_seed(0)
+    model = memzoo.load(path)
+    if not memory_off:
+        return model, {}
+    means = describe_memory_off(model)
+    if means is None:
+        print(f"{model.config.memory}: no memory-off control (it keeps every token it was given)")
+        return None, None
+    return model, {"memory_off": True, "memory_off_means": means}
+
+
+def _evaluate_all(paths: list[str], args: argparse.Namespace, evaluate) -> list[dict]:
+    """``evaluate(path, args, memory_off=...)`` for each checkpoint, then its control unless ``--no-control``,
+    with the whole job's ETA; the controls a design lacks (``full``) are left out."""
+    results, start = [], time.perf_counter()
+    jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
+    for i, (path, off) in enumerate(jobs):
+        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
+        results.append(evaluate(path, args, memory_off=off))
+    return [r for r in results if r is not None]
+
+
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: bool = False) -> dict | None:
     """Evaluate one checkpoint on the passkey grid (or its memory-off control); results JSON + heatmap.
 
     Returns None for the control of a design with no memory to switch off (``full``)."""
     import contextlib
 
-    import torch
-
     import memzoo
-    from memzoo.interface import describe_memory_off
     from memzoo.plots import passkey_heatmap
     from memzoo.tasks.passkey_eval import describe_keys, evaluate_passkey, save_results
 
-    torch.manual_seed(0)
-    model = memzoo.load(path)
+    model, control = _load_for_eval(path, memory_off)
+    if model is None:
+        return None
     name = model.config.memory
-    control = {}
-    if memory_off:
-        means = describe_memory_off(model)
-        if means is None:
-            print(f"{name}: no memory-off control (it keeps every token it was given)")
-            return None
-        control = {"memory_off": True, "memory_off_means": means}
     out_json = _results_file(args.out, path, name, memory_off=memory_off)
     weights = _weights_sha256(path)
     lengths = _lengths(args)
@@ -501,12 +522,7 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
     if args.full_grid:
         args.lengths, args.depths, args.n_keys = DEFAULT_LENGTHS, DEFAULT_DEPTHS, max(args.n_keys, 5)
-    all_results, start = [], time.perf_counter()
-    jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
-    for i, (path, off) in enumerate(jobs):
-        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
-        all_results.append(_evaluate_checkpoint(path, args, memory_off=off))
-    all_results = [r for r in all_results if r is not None]
+    all_results = _evaluate_all(paths, args, _evaluate_checkpoint)
     labels = [Path(r.get("checkpoint", r["design"])).name.removeprefix("passkey-") for r in all_results]
     figure = passkey_comparison(all_results, Path(args.out) / "comparison.png", labels=labels)
     _print_table(all_results)
@@ -539,23 +555,14 @@ def _evaluate_recall_checkpoint(path: str, args: argparse.Namespace, *, memory_o
     Cells of an earlier run with the same weights, seed, ks and queries are kept, and their (gap,
     variant) pairs skipped, so long gaps can be added later to the same file. Returns None for the
     control of a design with no memory to switch off (``full``)."""
-    import torch
-
     import memzoo
-    from memzoo.interface import describe_memory_off
     from memzoo.tasks.passkey_eval import save_results
     from memzoo.tasks.recall import KEY_LEN, VALUE_LEN, evaluate_recall
 
-    torch.manual_seed(0)
-    model = memzoo.load(path)
+    model, control = _load_for_eval(path, memory_off)
+    if model is None:
+        return None
     name = model.config.memory
-    control = {}
-    if memory_off:
-        means = describe_memory_off(model)
-        if means is None:
-            print(f"{name}: no memory-off control (it keeps every token it was given)")
-            return None
-        control = {"memory_off": True, "memory_off_means": means}
     out_json = _recall_file(args.out, path, name, memory_off=memory_off)
     weights = _weights_sha256(path)
     same = {"weights_sha256": weights, "seed": args.seed, "ks": args.ks, "min_queries": args.min_queries, "memory_off": memory_off}
@@ -646,12 +653,7 @@ def _cmd_recall_compare(args: argparse.Namespace) -> int:
     paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("recall-*") if (p / "config.json").is_file())
     if not paths:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
-    all_results, start = [], time.perf_counter()
-    jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
-    for i, (path, off) in enumerate(jobs):
-        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
-        all_results.append(_evaluate_recall_checkpoint(path, args, memory_off=off))
-    all_results = [r for r in all_results if r is not None]
+    all_results = _evaluate_all(paths, args, _evaluate_recall_checkpoint)
     labels = [results_stem(r["checkpoint"], r["design"], "recall") for r in all_results]
     figures = [recall_comparison(all_results, Path(args.out) / f"comparison-{v}.png", labels=labels, variant=v) for v in args.variants]
     gap = max(g for g in _gaps(args) if g <= 16384) if min(_gaps(args)) <= 16384 else min(_gaps(args))

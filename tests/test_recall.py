@@ -13,10 +13,10 @@ from memzoo.cli import main
 from memzoo.tasks.passkey import _filler
 from memzoo.tasks.recall import (
     KEY_LEN,
-    VALUE_LEN,
     PAIRS_HEADER,
     QUERY_HEADER,
     UPDATE_HEADER,
+    VALUE_LEN,
     _score_cell,
     evaluate_recall,
     item_len,

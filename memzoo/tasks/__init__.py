@@ -1,4 +1,4 @@
-"""Tasks: passkey retrieval and book summarization (data, prompts, scoring)."""
+"""Tasks: passkey retrieval, long-gap associative recall and book summarization (data, prompts, scoring)."""
 
 from .booksum import BookExample, BooksumUnavailableError, load_booksum, make_synthetic_book
 from .booksum_eval import SUMMARY_PROMPT, evaluate_booksum, evaluate_booksum_hf, make_booksum_training_batch, synthetic_books
@@ -15,6 +15,7 @@ from .passkey import (
     random_key,
     score,
 )
+from .recall import RecallRow, evaluate_recall, make_recall_row, make_recall_training_batch, recall_cell_rows
 
 __all__ = [
     "ANSWER_TEMPLATE",
@@ -26,15 +27,20 @@ __all__ = [
     "BookExample",
     "BooksumUnavailableError",
     "PasskeySample",
+    "RecallRow",
     "evaluate_booksum",
     "evaluate_booksum_hf",
+    "evaluate_recall",
     "load_booksum",
     "make_booksum_training_batch",
     "make_eval_grid",
+    "make_recall_row",
+    "make_recall_training_batch",
     "make_sample",
     "make_synthetic_book",
     "make_training_batch",
     "random_key",
+    "recall_cell_rows",
     "score",
     "synthetic_books",
 ]

@@ -126,6 +126,14 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in _cpu_flags()[1] if f.startswith(("avx2", "avx512", "amx")))
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True where bf16 matmuls run at full speed: a CUDA device, or a CPU with ``avx512_bf16`` or
+    ``amx_bf16`` (elsewhere bf16 is emulated, ~95x slower than fp32 on an AVX2-only CPU)."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()[1])
+
+
 def machine_info() -> dict:
     """torch version, threads, CPU model and its bf16-relevant flags, core count and current load."""
     cpu, flags = _cpu_flags()

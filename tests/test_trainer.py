@@ -315,3 +315,31 @@ def test_two_ranks_stop_at_the_same_step_on_rank_zeros_clock(tmp_path):
     steps = [json.loads((tmp_path / f"step{r}.json").read_text()) for r in range(2)]
     assert steps[0] == steps[1] < 50  # rank 0's clock said stop; rank 1's alone never would have
     assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["step"] == steps[0]
+
+
+@pytest.mark.filterwarnings("ignore:resuming")  # the resumes below are meant: a longer run, then a changed one
+def test_autocast_auto_follows_the_cpu_and_a_resume_that_resolves_it_otherwise_is_refused(tmp_path, monkeypatch):
+    """"auto" is bf16 where bf16 is native and none elsewhere, decided once and kept with the run."""
+    import memzoo.bench
+    from memzoo.training.trainer import TrainConfig, Trainer
+
+    def batch_fn(step, generator):
+        ids = torch.randint(3, 200, (2, 16), generator=generator)
+        return {"input_ids": ids, "labels": ids}
+
+    def trainer(native: bool, steps: int, **kw) -> Trainer:
+        monkeypatch.setattr(memzoo.bench, "native_bf16", lambda device="cpu": native)
+        torch.manual_seed(0)
+        model = memzoo.build("full", d_model=32, n_layers=1, n_heads=2)
+        cfg = TrainConfig(steps=steps, lr=1e-3, warmup_steps=1, segment_len=16, autocast="auto", log_every=1, save_every=1)
+        return Trainer(model, cfg, batch_fn, out_dir=tmp_path / "run", **kw)
+
+    native = trainer(True, 1)
+    assert native.autocast == "bf16" and native._autocast().fast_dtype == torch.bfloat16
+    native.fit(progress=False)
+    with pytest.raises(ValueError, match="autocast_resolved"):
+        trainer(False, 2).fit(progress=False)  # the same run resumed where bf16 is not native
+    emulated = trainer(False, 2, allow_changed=True)
+    assert emulated.autocast == "none"
+    emulated.fit(progress=False)
+    assert emulated.step == 2

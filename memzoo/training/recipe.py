@@ -283,6 +283,7 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
         "wall_s_this_call": round(wall, 1),
         "final_loss": history[-1]["loss"] if history else last_logged.get("loss"),
         "world_size": trainer.world,
+        "autocast": trainer.autocast,  # what ran: "auto" resolved on this machine
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(train_cfg),
     }

@@ -65,9 +65,13 @@ class TrainConfig:
         bptt_segments: back-propagate and detach the state every this many segments (0 = once per
             sequence: full BPTT through memory).
         no_grad_prefix: tokens at the start of every sequence streamed without gradients.
-        autocast: "none" or "bf16" (autocast; memory maths stays fp32 inside the designs). Default
-            "none": on CPUs without avx512_bf16/AMX (like this project's CI machine) bf16 matmuls
-            run ~95x slower than fp32 (measured by `memzoo bench`: docs/results/bench/bench.json).
+        autocast: "none", "bf16" (autocast; memory maths stays fp32 inside the designs) or "auto":
+            bf16 where it is native (CUDA, or a CPU with avx512_bf16 / amx_bf16:
+            :func:`memzoo.bench.native_bf16`), else none. Default "none": on CPUs without native
+            bf16 (like this project's CI machine) bf16 matmuls run ~95x slower than fp32 (measured
+            by `memzoo bench`: docs/results/bench/bench.json). "auto" is resolved when the trainer
+            starts and kept with the run: a resume on a machine that resolves it otherwise is
+            refused as a changed run (``allow_changed`` to accept it).
         log_every / save_every: in steps (save_every 0 = only at the end).
         max_minutes: stop (and save) after this wall time, even before ``steps`` (0 = no limit).
         seed: seeds the model init and the data.
@@ -86,7 +90,7 @@ class TrainConfig:
     segment_len: int = field(default=256, metadata=bounds(ge=1))
     bptt_segments: int = field(default=0, metadata=bounds(ge=0))
     no_grad_prefix: int = field(default=0, metadata=bounds(ge=0))
-    autocast: str = field(default="none", metadata=bounds(choices=("bf16", "none")))
+    autocast: str = field(default="none", metadata=bounds(choices=("auto", "bf16", "none")))
     log_every: int = field(default=10, metadata=bounds(ge=1))
     save_every: int = field(default=100, metadata=bounds(ge=0))
     max_minutes: float = field(default=0.0, metadata=bounds(ge=0))
@@ -156,6 +160,12 @@ class Trainer:
                  *, run: dict | None = None, allow_changed: bool = False):  # fmt: skip
         self.model, self.config, self.batch_fn = model, config, batch_fn
         self.run_settings, self.allow_changed = dict(run or {}), allow_changed
+        self.autocast = config.autocast
+        if config.autocast == "auto":  # resolved once, and kept with the run so that a resume elsewhere is caught
+            from ..bench import native_bf16
+
+            self.autocast = "bf16" if native_bf16(next(model.parameters()).device) else "none"
+            self.run_settings["autocast_resolved"] = self.autocast
         self.changes: list[dict] = []  # settings changed on resume (allow_changed): [{"step", "changes"}]
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -267,7 +277,7 @@ class Trainer:
         return metrics
 
     def _autocast(self):
-        enabled = self.config.autocast == "bf16"
+        enabled = self.autocast == "bf16"
         device_type = next(self.model.parameters()).device.type
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
 

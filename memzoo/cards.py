@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .plots import format_length
 
-__all__ = ["write_card", "accuracy_table", "rouge_table", "describe_curriculum"]
+__all__ = ["write_card", "accuracy_table", "recall_table", "rouge_table", "describe_curriculum"]
 
 
 def describe_curriculum(curriculum: list[dict]) -> str:
@@ -36,6 +36,11 @@ _TASKS = {
         "followed by `Summary:` and the list of events",
         "Summarization (ROUGE F1 x 100)",
     ),
+    "recall": (
+        "recall", "long-gap multi-query associative recall (MQAR)",
+        "synthetic recall rows (key-value pairs, a filler gap, every key queried; `memzoo.tasks.recall`)",
+        "Recall accuracy",
+    ),
 }
 
 
@@ -53,6 +58,21 @@ def accuracy_table(results: dict) -> str:
         speed = round(sum(c["tokens_per_s"] for c in done) / len(done)) if done else "-"
         state = max(c["state_bytes"] for c in done) if done else "-"
         lines.append(f"| {format_length(n)} | " + " | ".join(shown) + f" | {speed} | {state} |")
+    return "\n".join(lines)
+
+
+def recall_table(results: dict, control: dict | None = None) -> str:
+    """Markdown table of a recall results dict: per variant and k, query accuracy by gap (``memory / off``
+    where the memory-off control's results are given)."""
+    gaps = sorted({c["gap"] for c in results["cells"]})
+    off = {(c["variant"], c["k"], c["gap"]): c["accuracy"] for c in (control or {}).get("cells", [])}
+    lines = ["| variant | pairs | " + " | ".join(f"gap {format_length(g)}" for g in gaps) + " |", "|---" * (len(gaps) + 2) + "|"]
+    for variant in sorted({c["variant"] for c in results["cells"]}, key=lambda v: v != "standard"):
+        for k in sorted({c["k"] for c in results["cells"]}):
+            acc = {c["gap"]: c["accuracy"] for c in results["cells"] if c["variant"] == variant and c["k"] == k}
+            pair = {g: f" / {off[variant, k, g]:.2f}" if (variant, k, g) in off else "" for g in gaps}
+            shown = [f"{acc[g]:.2f}{pair[g]}" if g in acc else "-" for g in gaps]
+            lines.append(f"| {variant} | {k} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
@@ -112,7 +132,7 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
     Args:
         checkpoint: a shipped checkpoint folder.
         results_path: results JSON of this checkpoint (from ``memzoo passkey eval`` or ``memzoo booksum eval``).
-        task: ``"passkey"`` or ``"booksum-synthetic"``; default: ``training.json``'s ``task``, else
+        task: ``"passkey"``, ``"recall"`` or ``"booksum-synthetic"``; default: ``training.json``'s ``task``, else
             booksum if the results hold ROUGE, else passkey.
 
     Returns:
@@ -203,6 +223,22 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             + ").",
             "",
             rouge_table(results),
+        ]
+    elif results and task == "recall":
+        control_path = Path(results_path).with_name(Path(results_path).stem + "-memory-off.json")
+        control = json.loads(control_path.read_text()) if control_path.is_file() else None
+        if control is not None and control.get("weights_sha256") != results.get("weights_sha256"):
+            control = None  # a control of other weights is no control
+        lines += [
+            f"Share of queries whose whole value is the argmax (teacher forced; chance {results.get('chance', 0):g}), at least "
+            f"{results['min_queries']} queries per cell"
+            + (f"; `memory / off`: with its memory off (`{control_path}`: {control['memory_off_means']})" if control else "")
+            + "; measured with " + "; ".join(f"`{c}`" for c in results.get("commands", []))
+            + f" (results: `{results_path}`" + ("" if results.get("complete", True) else ", **incomplete**") + ").",
+            "",
+            recall_table(results, control),
+            "",
+            "A gap inside the design's local window (its segment, window or cache) is local context, not memory.",
         ]
     elif results:
         lines += [

@@ -192,3 +192,22 @@ def test_a_curriculum_stage_may_set_its_own_ks():
     batch_fn = make_batch_fn(task, steps=4)
     early, late = (batch_fn(step, torch.Generator().manual_seed(0))["metric_masks"]["answer"].sum(1) for step in (0, 3))
     assert early.tolist() == [VALUE_LEN] * 3 and late.tolist() == [4 * VALUE_LEN] * 3  # 1 or 4 queried values
+
+
+def test_a_recall_card_gives_accuracy_by_gap_with_its_control(tmp_path):
+    from memzoo.cards import write_card
+
+    torch.manual_seed(0)
+    memzoo.build("sinks", d_model=32, n_layers=1, n_heads=2, budget=64, evict_every=32).save_pretrained(tmp_path / "recall-sinks")
+    training = {"derived_from": "x", "command": "memzoo recall derive", "task": "recall"}
+    (tmp_path / "recall-sinks" / "training.json").write_text(json.dumps(training))
+    opts = ["--gaps", "128", "200", "--ks", "1", "4", "--min-queries", "4", "--out", str(tmp_path / "res"), "--quiet"]
+    assert main(["recall", "eval", "--checkpoint", str(tmp_path / "recall-sinks"), *opts]) == 0
+    assert main(["recall", "eval", "--checkpoint", str(tmp_path / "recall-sinks"), "--memory-off", *opts]) == 0
+    card = write_card(tmp_path / "recall-sinks", tmp_path / "res" / "sinks.json").read_text()
+    results = json.loads((tmp_path / "res" / "sinks.json").read_text())
+    control = json.loads((tmp_path / "res" / "sinks-memory-off.json").read_text())
+    assert "## Recall accuracy" in card and "| standard | 4 |" in card and "gap 200" in card
+    first = next(c for c in results["cells"] if c["k"] == 1 and c["gap"] == 128)
+    off = next(c for c in control["cells"] if c["k"] == 1 and c["gap"] == 128)
+    assert f"| standard | 1 | {first['accuracy']:.2f} / {off['accuracy']:.2f} |" in card

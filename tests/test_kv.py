@@ -99,3 +99,34 @@ def test_cache_stays_within_budget(name):
             kept = cache.valid.sum(-1)  # [b, h]
             assert int(kept.max()) <= budget + (cache.position % every)
     assert state.position == sum(sizes)
+
+
+@pytest.mark.parametrize("name, extra", [("full", {}), ("window", dict(budget=16, evict_every=8))])
+def test_short_conv_starts_as_identity_and_streams_split_invariant(name, extra):
+    """conv_kernel: at init the model equals the same weights without the conv (warm starts begin
+    unchanged); with learned taps, a stream cut into calls at arbitrary points equals one call
+    (the conv's left context travels in the state, also across evictions)."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, n_layers=2, n_heads=2, **extra)
+    with_conv = memzoo.build(name, conv_kernel=4, **kw).eval()
+    plain = memzoo.build(name, **kw).eval()
+    plain.load_state_dict({k: v for k, v in with_conv.state_dict().items() if not k.endswith(".conv")}, strict=True)
+    ids = torch.randint(3, 259, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(with_conv(ids).logits, plain(ids).logits, n=4 * 32, depth=2, scale="max")
+        for name_, p in with_conv.named_parameters():
+            if name_.endswith(".conv"):
+                p.normal_(0.0, 0.5)
+        one = with_conv(ids).logits
+        assert not torch.allclose(one, plain(ids).logits, atol=1e-3)  # the taps matter
+        state, pieces = with_conv.init_state(2), []
+        for start, end in [(0, 3), (3, 11), (11, 12), (12, 50)]:
+            out = with_conv(ids[:, start:end], state=state)
+            state, pieces = out.state, pieces + [out.logits]
+    assert_close(torch.cat(pieces, dim=1), one, n=4 * 32, depth=2, scale="max")
+    assert state.layers[0].conv.shape == (2, 3, 3 * 32)
+
+
+def test_short_conv_of_one_tap_is_refused():
+    with pytest.raises(ValueError, match="conv_kernel"):
+        memzoo.build("window", conv_kernel=1)

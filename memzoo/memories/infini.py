@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..interface import MemoryConfig, MemoryModule, MemoryState
-from ..ops.conv import causal_conv
+from ..ops.conv import causal_conv, identity_plus
 from ..ops.infini import FEATURE_MAPS, UPDATE_RULES, MemoryRule, gate_mix, infini_attention, local_attention, memory_read, memory_write
 from ..registry import register
 from ..validation import bounds
@@ -246,8 +246,7 @@ class InfiniAttention(MemoryModule):
         """q, k, v [b, h, n, k], write strengths [b, h, n] (or None) and the conv's next context."""
         p, conv = self.qkv(x), None
         if self.conv is not None:
-            taps = torch.cat([self.conv[:, :-1], self.conv[:, -1:] + 1.0], dim=1)  # identity + learned offset
-            p, conv = causal_conv(p, state.conv, taps)
+            p, conv = causal_conv(p, state.conv, identity_plus(self.conv))
         q, k, v = rearrange(p, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
         strength = None
         if self.strength is not None:

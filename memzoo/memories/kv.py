@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..ops.attention import attend
+from ..ops.conv import causal_conv, identity_plus
 from ..ops.rope import apply_rope
 from ..registry import register
 from ..validation import bounds
@@ -71,6 +72,8 @@ class KVCacheState(MemoryState):
         position: stream tokens seen so far.
         policy: the policy's own state, or None. Its tensor fields shaped [b, h, C, ...] are
             per-slot and are compacted together with the cache at each eviction.
+        conv: [b, conv_kernel - 1, 3d] the last q/k/v projections before the short conv
+            (``conv_kernel`` only; None otherwise).
     """
 
     keys: Tensor
@@ -80,6 +83,7 @@ class KVCacheState(MemoryState):
     length: int = 0
     position: int = 0
     policy: MemoryState | None = None
+    conv: Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -234,7 +238,23 @@ def gather_slots(t: Tensor, idx: Tensor, capacity: int, keep: Tensor | None = No
 # ---------------------------------------------------------------------------------- config
 @dataclass
 class FullConfig(MemoryConfig):
-    """``full``: softmax attention over a cache that never evicts (the reference; memory grows)."""
+    """``full``: softmax attention over a cache that never evicts (the reference; memory grows).
+
+    Attributes:
+        conv_kernel: taps of a short causal depthwise conv on q, k and v after their projection
+            (0: none). Each token's key then carries its predecessors, which is what multi-token
+            key matching (associative recall with keys of several bytes) needs and what a plain
+            attention layer has to learn with a previous-token head first. Initialised to the
+            identity, so a warm start from a model without it begins unchanged. The cache stores
+            the conv's outputs; only ``kernel - 1`` projections are carried beside it.
+    """
+
+    conv_kernel: int = field(default=0, metadata=bounds(ge=0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.conv_kernel == 1:
+            raise ValueError("conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
 
     def make_policy(self) -> EvictionPolicy:
         return KeepAll()
@@ -341,7 +361,13 @@ class CachedAttention(MemoryModule):
         self.rope_theta = rope_theta
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        self.conv = nn.Parameter(torch.zeros(3 * d_model, config.conv_kernel)) if config.conv_kernel else None
         self.policy = config.make_policy()
+
+    def reset_memory_parameters(self) -> None:
+        """The short conv at the identity (its learned offset at 0)."""
+        if self.conv is not None:
+            nn.init.zeros_(self.conv)
 
     @property
     def bounded(self) -> bool:
@@ -364,10 +390,15 @@ class CachedAttention(MemoryModule):
             valid=torch.zeros(b, h, C, dtype=torch.bool, device=device),
             token_pos=torch.full((b, h, C), -1, dtype=torch.long, device=device),
             policy=self.policy.init_state(b, h, C, device),
+            conv=torch.zeros(b, self.conv.shape[1] - 1, self.conv.shape[0], device=device, dtype=dtype) if self.conv is not None else None,
         )
 
     def forward(self, x: Tensor, state: KVCacheState) -> tuple[Tensor, KVCacheState]:
-        q, k, v = rearrange(self.qkv(x), "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
+        p = self.qkv(x)
+        if self.conv is not None:
+            p, conv = causal_conv(p, state.conv, identity_plus(self.conv))
+            state = replace(state, conv=conv.to(state.conv.dtype))
+        q, k, v = rearrange(p, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
         n, outs, start = x.shape[1], [], 0
         while start < n:
             # cut the call at the next eviction boundary of the stream
@@ -432,6 +463,7 @@ def append(state: KVCacheState, k: Tensor, v: Tensor) -> KVCacheState:
         length=T,
         position=state.position + m,
         policy=state.policy,
+        conv=state.conv,
     )
 
 
@@ -475,6 +507,7 @@ def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheSt
         length=int(keep.sum(-1).max()),
         position=state.position,
         policy=policy_state,
+        conv=state.conv,
     )
 
 
@@ -500,4 +533,5 @@ def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
         length=state.length,
         position=state.position,
         policy=policy,
+        conv=state.conv,
     )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["causal_conv"]
+__all__ = ["causal_conv", "identity_plus"]
 
 
 def causal_conv(p: Tensor, context: Tensor, taps: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,3 +31,13 @@ def causal_conv(p: Tensor, context: Tensor, taps: Tensor) -> tuple[Tensor, Tenso
     full = torch.cat([context.to(p.dtype), p], dim=1)  # [b, kernel - 1 + n, C]
     y = F.conv1d(rearrange(full, "b n c -> b c n"), taps.to(p.dtype)[:, None, :], groups=taps.shape[0])
     return rearrange(y, "b c n -> b n c"), full[:, full.shape[1] - context.shape[1] :]
+
+
+def identity_plus(offset: Tensor) -> Tensor:
+    """Conv taps [C, kernel] that are the identity plus a learned ``offset`` [C, kernel].
+
+    The last tap (the token itself) is ``1 + offset[:, -1]``, the others are the offset: with the
+    offset at zero (its initial value) the conv passes its input through, so a model warm-started
+    from one without the conv begins exactly as that model.
+    """
+    return torch.cat([offset[:, :-1], offset[:, -1:] + 1.0], dim=1)

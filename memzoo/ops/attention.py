@@ -11,6 +11,7 @@ i sits at key index ``t - s + i`` and may see keys up to that index. This is exa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,10 +39,22 @@ def causal_mask(s: int, t: int, *, window: int | None = None, device=None) -> Te
         window: if given, query i sees only the ``window`` most recent keys (itself included).
 
     Returns:
-        [s, t] bool.
+        [s, t] bool. The same shapes recur at every call of a stream (a piece of ``evict_every``
+        queries over the cache, a block over its window), so the last few masks are kept and
+        **shared**: never modify the result in place (``mask & other`` makes a new tensor).
     """
     if t < s:
         raise ValueError(f"causal attention needs at least as many keys as queries, got s={s}, t={t}")
+    return _causal_mask(s, t, window, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(s: int, t: int, window: int | None, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a mask first made during evaluation must serve training too
+        return _make_causal_mask(s, t, window, device)
+
+
+def _make_causal_mask(s: int, t: int, window: int | None, device: torch.device) -> Tensor:
     q_pos = torch.arange(t - s, t, device=device)[:, None]  # [s, 1]
     k_pos = torch.arange(t, device=device)[None, :]  # [1, t]
     mask = k_pos <= q_pos

@@ -1,0 +1,29 @@
+"""The attention entry point's causal masks: bottom-right alignment, windows, and the kept masks."""
+
+from __future__ import annotations
+
+import torch
+
+from memzoo.ops.attention import attend, causal_mask
+
+
+def naive_mask(s: int, t: int, window: int | None = None) -> torch.Tensor:
+    """Query i sits at key index t - s + i and sees keys j <= that index (and > index - window)."""
+    return torch.tensor([[j <= t - s + i and (window is None or j > t - s + i - window) for j in range(t)] for i in range(s)])
+
+
+def test_masks_match_the_definition_and_are_shared():
+    for s, t, window in [(1, 1, None), (3, 7, None), (4, 9, 3), (5, 5, 2)]:
+        assert torch.equal(causal_mask(s, t, window=window), naive_mask(s, t, window))
+    assert causal_mask(4, 9, window=3) is causal_mask(4, 9, window=3)  # kept: streams repeat their shapes
+    assert causal_mask(4, 9) is not causal_mask(4, 9, window=3)
+
+
+def test_a_mask_first_made_in_inference_mode_serves_training():
+    """Evaluation (inference mode) and training share a process: a kept mask must not be an inference tensor."""
+    with torch.inference_mode():
+        assert not causal_mask(5, 11, window=4).is_inference()
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    attend(q, k, v, window=4).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

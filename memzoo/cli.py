@@ -138,15 +138,20 @@ DEFAULT_LENGTHS = ["1K", "4K", "16K", "64K", "256K", "1M"]
 DEFAULT_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-def _lengths(args: argparse.Namespace) -> list[int]:
+def _parse_lengths(values: list[str], limit: str | None, what: str) -> list[int]:
+    """Token counts from ``16K``-style strings, those above ``limit`` dropped; none left is an error naming the flags."""
     from memzoo.units import parse_length
 
-    lengths = [parse_length(x) for x in args.lengths]
-    if args.max_length:
-        lengths = [n for n in lengths if n <= parse_length(args.max_length)]
+    lengths = [parse_length(x) for x in values]
+    if limit:
+        lengths = [n for n in lengths if n <= parse_length(limit)]
     if not lengths:
-        raise SystemExit("no lengths left to evaluate: check --lengths / --max-length")
+        raise SystemExit(f"no {what}s left to evaluate: check --{what}s / --max-{what}")
     return lengths
+
+
+def _lengths(args: argparse.Namespace) -> list[int]:
+    return _parse_lengths(args.lengths, args.max_length, "length")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -474,13 +479,18 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_passkey_eval(args: argparse.Namespace) -> int:
-    results = _evaluate_checkpoint(args.checkpoint, args, memory_off=args.memory_off)
+def _evaluate_and_report(args: argparse.Namespace, evaluate, print_table, results_file, also: str = "") -> int:
+    """``memzoo passkey|recall eval``: evaluate one checkpoint (or its memory-off control), print, say where it went."""
+    results = evaluate(args.checkpoint, args, memory_off=args.memory_off)
     if results is None:
         raise ValueError(f"{args.checkpoint} keeps every token: it has no memory-off control (drop --memory-off)")
-    _print_table([results])
-    print(f"wrote {_results_file(args.out, args.checkpoint, results['design'], memory_off=args.memory_off)} and .png")
+    print_table([results])
+    print(f"wrote {results_file(args.out, args.checkpoint, results['design'], memory_off=args.memory_off)}{also}")
     return 0
+
+
+def _cmd_passkey_eval(args: argparse.Namespace) -> int:
+    return _evaluate_and_report(args, _evaluate_checkpoint, _print_table, _results_file, also=" and .png")
 
 
 def _cmd_passkey_probe(args: argparse.Namespace) -> int:
@@ -539,14 +549,7 @@ def _recall_file(out: str | Path, checkpoint: str | Path, design: str, *, memory
 
 
 def _gaps(args: argparse.Namespace) -> list[int]:
-    from memzoo.units import parse_length
-
-    gaps = [parse_length(x) for x in args.gaps]
-    if args.max_gap:
-        gaps = [g for g in gaps if g <= parse_length(args.max_gap)]
-    if not gaps:
-        raise SystemExit("no gaps left to evaluate: check --gaps / --max-gap")
-    return gaps
+    return _parse_lengths(args.gaps, args.max_gap, "gap")
 
 
 def _evaluate_recall_checkpoint(path: str, args: argparse.Namespace, *, memory_off: bool = False) -> dict | None:
@@ -639,12 +642,7 @@ def _print_recall_table(all_results: list[dict]) -> None:
 
 
 def _cmd_recall_eval(args: argparse.Namespace) -> int:
-    results = _evaluate_recall_checkpoint(args.checkpoint, args, memory_off=args.memory_off)
-    if results is None:
-        raise ValueError(f"{args.checkpoint} keeps every token: it has no memory-off control (drop --memory-off)")
-    _print_recall_table([results])
-    print(f"wrote {_recall_file(args.out, args.checkpoint, results['design'], memory_off=args.memory_off)}")
-    return 0
+    return _evaluate_and_report(args, _evaluate_recall_checkpoint, _print_recall_table, _recall_file)
 
 
 def _cmd_recall_compare(args: argparse.Namespace) -> int:

@@ -27,3 +27,23 @@ def test_a_mask_first_made_in_inference_mode_serves_training():
     k, v = torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
     attend(q, k, v, window=4).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_the_kept_additive_causal_bias_gives_sdpas_own_result_exactly():
+    """attend hands SDPA the causal mask as a kept additive bias; SDPA turns a bool mask into that very
+    tensor (0 / -inf) itself, so the outputs are bit-identical to passing the bool mask."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for s, t, window in [(6, 6, 3), (5, 19, None), (9, 30, 4)]:  # shapes that need an explicit mask
+        q, k, v = torch.randn(1, 2, s, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=naive_mask(s, t, window))
+        assert torch.equal(attend(q, k, v, window=window), expected)
+        with torch.inference_mode():  # the bias kept here must serve the training-mode call after it
+            assert torch.equal(attend(q, k, v, window=window), expected)
+    k, v = torch.randn(1, 2, 23, 8), torch.randn(1, 2, 23, 8)
+    with torch.inference_mode():  # a shape first seen in evaluation...
+        attend(torch.randn(1, 2, 5, 8), k, v)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    attend(q, k, v).sum().backward()  # ...then trained on
+    assert torch.isfinite(q.grad).all()

@@ -54,6 +54,14 @@ def _causal_mask(s: int, t: int, window: int | None, device: torch.device) -> Te
         return _make_causal_mask(s, t, window, device)
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_bias(s: int, t: int, window: int | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The causal mask as SDPA's additive bias: 0 where a query may attend, -inf elsewhere ([s, t], ``dtype``)."""
+    with torch.inference_mode(False):
+        allowed = _causal_mask(s, t, window, device)
+        return torch.zeros(s, t, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+
+
 def _make_causal_mask(s: int, t: int, window: int | None, device: torch.device) -> Tensor:
     q_pos = torch.arange(t - s, t, device=device)[:, None]  # [s, 1]
     k_pos = torch.arange(t, device=device)[None, :]  # [1, t]
@@ -111,4 +119,8 @@ def attend(
 
     if full_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if mask is None and q.dtype.is_floating_point:
+        # the causal mask alone: hand SDPA its additive form, kept like the mask, rather than a bool mask it
+        # would turn into that very tensor (a torch.where over [s, t]) at every call
+        full_mask = _causal_bias(s, t, window, q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask)

@@ -654,7 +654,8 @@ def recall_section() -> str:
         "Titans memories never written, an eviction cache cut to its most recent `budget` tokens; `full` keeps every "
         "token and has none). **A gap inside a design's local window is local context, not memory**; beyond it, only "
         "an accuracy above the control is the memory's. Trained designs share one budget "
-        "(`checkpoints/recall-*/training.json`); the eviction designs reuse `recall-full`'s weights."
+        "(`checkpoints/recall-*/training.json`); the eviction designs reuse `recall-full-conv`'s weights "
+        "(full attention with a 4-tap conv on q/k/v)."
     )
     header = ["checkpoint", "family", *[format_length(g) for g in gaps], "state"]
     for k in ks:

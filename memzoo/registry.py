@@ -29,6 +29,10 @@ __all__ = ["register", "available", "memory_config", "build", "swap_memory", "ca
 #: memzoo.registry`` so that ``memzoo list`` answers without importing torch (a test keeps the two equal)
 CATALOG = Path(__file__).with_name("catalog.json")
 
+#: design options that decide the shapes of weights: :func:`swap_memory` keeps the source's value (a
+#: ``full`` model with a 4-tap conv becomes an ``h2o`` model with the same conv) unless overridden
+WEIGHT_SHAPING_OPTIONS = ("conv_kernel",)
+
 _BUILDERS: dict[str, Callable[[], MemoryConfig]] = {}
 
 
@@ -127,7 +131,10 @@ def swap_memory(model, name: str, **overrides: Any):
     bad = set(overrides) & set(BACKBONE_FIELDS)
     if bad:
         raise TypeError(f"swap_memory keeps the backbone; cannot override {sorted(bad)}")
-    new = build(name, **backbone, **overrides)
+    target_fields = {f.name for f in dataclasses.fields(memory_config(name))}
+    source_options = model.config.memory_config or {}
+    kept = {k: source_options[k] for k in WEIGHT_SHAPING_OPTIONS if k in source_options and k in target_fields}
+    new = build(name, **backbone, **{**kept, **overrides})
     old_sd, new_sd = model.state_dict(), new.state_dict()
     unexpected = [k for k in old_sd if k not in new_sd or new_sd[k].shape != old_sd[k].shape]
     if unexpected:

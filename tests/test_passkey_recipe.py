@@ -221,6 +221,23 @@ def test_swap_memory_keeps_the_weights():
         memzoo.swap_memory(full, "window", d_model=64)
 
 
+def test_swap_memory_keeps_the_options_that_shape_weights():
+    """A full model with a conv swaps to a window with the same conv (and the same logits), unless overridden."""
+    torch.manual_seed(0)
+    full = memzoo.build("full", d_model=32, n_layers=1, n_heads=2, conv_kernel=4).eval()
+    with torch.no_grad():  # taps away from the identity init, so a dropped conv would change the logits
+        for name, p in full.named_parameters():
+            if name.endswith("mixer.conv"):
+                p.add_(0.3 * torch.randn_like(p))
+    window = memzoo.swap_memory(full, "window", budget=1000, evict_every=500).eval()
+    assert window.config.memory_config["conv_kernel"] == 4
+    x = torch.randint(3, 259, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(window(x).logits, full(x).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):  # an override still wins, and the weights then do not fit
+        memzoo.swap_memory(full, "window", conv_kernel=0)
+
+
 def test_ship_derive_and_card(tmp_path):
     """A run becomes a shipped checkpoint with a card whose numbers come from the files."""
     from memzoo.cards import write_card

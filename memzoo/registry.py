@@ -23,7 +23,7 @@ from typing import Any
 from .config import BACKBONE_FIELDS, MemZooConfig
 from .interface import MemoryConfig
 
-__all__ = ["register", "available", "memory_config", "build", "swap_memory", "catalog", "CATALOG"]
+__all__ = ["register", "available", "memory_config", "build", "swap_memory", "catalog", "CATALOG", "WEIGHT_SHAPING_OPTIONS"]
 
 #: every design's config class and defaults, written from the live registry by ``python -m
 #: memzoo.registry`` so that ``memzoo list`` answers without importing torch (a test keeps the two equal)

@@ -47,3 +47,25 @@ def test_the_kept_additive_causal_bias_gives_sdpas_own_result_exactly():
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
     attend(q, k, v).sum().backward()  # ...then trained on
     assert torch.isfinite(q.grad).all()
+
+
+def test_per_head_masks_as_additive_bias_give_the_masked_fill_results_exactly():
+    """A per-head mask (the cache's holes, [b, h, 1, t]) goes in as an additive 0 / -inf bias, on both paths:
+    adding 0 leaves a score's bits as they are, so the results equal the plain masked definitions bit for bit."""
+    import math
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    s, t = 5, 19
+    q, k, v = torch.randn(2, 3, s, 8), torch.randn(2, 3, t, 8), torch.randn(2, 3, t, 8)
+    holes = torch.rand(2, 3, 1, t) > 0.3
+    holes[..., -s:] = True  # every query keeps at least itself
+    full = holes & naive_mask(s, t)
+    scores = ((q @ k.transpose(-1, -2)) / math.sqrt(8)).masked_fill(~full, float("-inf"))
+    probs = scores.softmax(-1)
+    out, got = attend(q, k, v, mask=holes, return_probs=True)
+    assert torch.equal(got, probs) and torch.equal(out, probs @ v)
+    assert torch.equal(attend(q, k, v, mask=holes), F.scaled_dot_product_attention(q, k, v, attn_mask=full))
+    both = attend(q, k, v, mask=holes, causal=False, return_probs=True)[1]  # no causal part: the mask alone
+    assert torch.equal(both, ((q @ k.transpose(-1, -2)) / math.sqrt(8)).masked_fill(~holes, float("-inf")).softmax(-1))

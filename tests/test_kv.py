@@ -130,3 +130,44 @@ def test_short_conv_starts_as_identity_and_streams_split_invariant(name, extra):
 def test_short_conv_of_one_tap_is_refused():
     with pytest.raises(ValueError, match="conv_kernel"):
         memzoo.build("window", conv_kernel=1)
+
+
+def test_streaming_writes_in_place_only_for_the_newest_state():
+    """Without autograd a stream's newest state takes new tokens in place; any older state sharing the buffers
+    copies first, so continuing it again gives exactly what it gave the first time, and its slots stay intact."""
+    from memzoo.memories.kv import WindowConfig, writes_in_place
+
+    torch.manual_seed(0)
+    module = CachedAttention(d_model=16, n_heads=2, config=WindowConfig(budget=12, evict_every=5)).eval()
+    with torch.no_grad():
+        _, s0 = module(torch.randn(1, 7, 16), module.init_state(1))
+        kept = s0.keys[:, :, : s0.length].clone()
+        assert writes_in_place(s0)
+        x = torch.randn(1, 2, 16)
+        y1, s1 = module(x, s0)
+        assert s1.keys.data_ptr() == s0.keys.data_ptr()  # written in place: no copy of the cache
+        assert torch.equal(s0.keys[:, :, : s0.length], kept)  # the caller's slots untouched
+        assert not writes_in_place(s0)  # s1 wrote past s0's length
+        y2, s2 = module(x, s0)  # s0 continued a second time: copies
+        assert s2.keys.data_ptr() != s0.keys.data_ptr()
+        assert torch.equal(y1, y2)  # the same ops on the same inputs: bit for bit
+        assert torch.equal(s0.keys[:, :, : s0.length], kept)
+        assert not writes_in_place(s0.expand_batch(2))  # a copy without a frontier of its own
+    assert not writes_in_place(s1)  # autograd on: a view of the buffers may be saved for backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_rotations_equal_rotating_every_key(dtype):
+    """Streaming keeps each key's rotation from one call to the next; at every call they equal the keys rotated
+    at their slots afresh (what training does), bit for bit: a slot's rotation depends on its key and slot alone."""
+    from memzoo.memories.kv import WindowConfig
+
+    torch.manual_seed(0)
+    module = CachedAttention(d_model=16, n_heads=2, config=WindowConfig(budget=12, evict_every=5)).eval()
+    state = module.init_state(1)
+    with torch.no_grad():
+        for n in (1, 3, 4, 2, 9, 1, 6):
+            _, state = module(torch.randn(1, n, 16), state)
+            kept, state = module._rotated_keys(state, dtype)
+            fresh = apply_rope(state.keys[:, :, : state.length].to(dtype), torch.arange(state.length), module.rope_theta)
+            assert kept.dtype == dtype and torch.equal(kept, fresh)

@@ -10,6 +10,12 @@ cached *un-rotated*, and RoPE is applied at attention time with **slot positions
 StreamingLLM does: a cached token's position is its slot index in the cache, and a new token's is
 the next free slot. Eviction compacts the cache (kept tokens keep their order), so positions never
 exceed ``budget + evict_every``. Without eviction (``full``) slots are stream positions.
+Streaming (no autograd), each key's rotation is kept beside it and computed once per eviction
+period, not at every call; an eviction, which moves keys, drops them.
+
+Writes (why a short call does not copy the cache): states are values, the caller's is never
+modified, yet a stream's newest state takes its next tokens in place, into slots no state has
+claimed (see :class:`_Frontier`); only an older state continued a second time copies.
 
 Eviction rhythm (why outputs do not depend on how the stream is cut into calls): eviction happens
 when the stream position reaches a multiple of ``evict_every``, never at call boundaries. A call
@@ -58,6 +64,24 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------- state
+class _Frontier:
+    """The newest writer of a set of cache buffers: its ``keys`` storage and the slots written so far.
+
+    States are values (state in, state out; the caller's state is never modified), yet copying the
+    whole buffer for every few tokens is most of a short call's time. Both hold because of one
+    rule: slots ``[0, length)`` of a state are never written in place. Only the state whose
+    ``length`` equals the buffers' highest written slot (``end``) may write the slots after it, in
+    place; any other state (an older one continued a second time, a detached or expanded copy)
+    copies first. So an older state sharing the buffers may find slots past its own ``length``
+    overwritten (nothing reads them), never the slots before it.
+    """
+
+    __slots__ = ("ptr", "end")
+
+    def __init__(self, keys: Tensor, end: int):
+        self.ptr, self.end = keys.data_ptr(), end
+
+
 @dataclass
 class KVCacheState(MemoryState):
     """A bounded KV cache (one layer).
@@ -74,6 +98,12 @@ class KVCacheState(MemoryState):
             per-slot and are compacted together with the cache at each eviction.
         conv: [b, conv_kernel - 1, 3d] the last q/k/v projections before the short conv
             (``conv_kernel`` only; None otherwise).
+        rotated: [b, h, C, k] the keys rotated at their slot positions, in the dtype attention last
+            used, valid for slots ``[0, n_rotated)`` (None: nothing rotated yet). A cache of
+            :class:`CachedAttention`'s streaming (no-gradient) path, so that each key is rotated
+            once per eviction period rather than at every call; an eviction moves keys and drops it.
+        n_rotated: slots of ``rotated`` that hold their key's rotation.
+        frontier: the buffers' newest writer (see :func:`append`); not a tensor, never saved.
     """
 
     keys: Tensor
@@ -84,6 +114,9 @@ class KVCacheState(MemoryState):
     position: int = 0
     policy: MemoryState | None = None
     conv: Tensor | None = None
+    rotated: Tensor | None = None
+    n_rotated: int = 0
+    frontier: _Frontier | None = field(default=None, repr=False, compare=False)
 
     @property
     def capacity(self) -> int:
@@ -391,6 +424,7 @@ class CachedAttention(MemoryModule):
             token_pos=torch.full((b, h, C), -1, dtype=torch.long, device=device),
             policy=self.policy.init_state(b, h, C, device),
             conv=torch.zeros(b, self.conv.shape[1] - 1, self.conv.shape[0], device=device, dtype=dtype) if self.conv is not None else None,
+            rotated=torch.zeros(b, h, C, k, device=device, dtype=dtype),
         )
 
     def forward(self, x: Tensor, state: KVCacheState) -> tuple[Tensor, KVCacheState]:
@@ -419,7 +453,7 @@ class CachedAttention(MemoryModule):
         T = state.length
         slots = torch.arange(T, device=q.device)
         qr = apply_rope(q, slots[L:], self.rope_theta)  # [b, h, m, k]
-        kr = apply_rope(state.keys[:, :, :T].to(q.dtype), slots, self.rope_theta)  # [b, h, T, k]
+        kr, state = self._rotated_keys(state, q.dtype)  # [b, h, T, k]
         valid = state.valid[:, :, :T]
         holes = None if bool(valid[:, :, :L].all()) else valid[:, :, None, :]  # [b, h, 1, T]
         vals = state.values[:, :, :T].to(q.dtype)
@@ -430,6 +464,26 @@ class CachedAttention(MemoryModule):
             out = attend(qr, kr, vals, mask=holes)
         return out, state
 
+    def _rotated_keys(self, state: KVCacheState, dtype: torch.dtype) -> tuple[Tensor, KVCacheState]:
+        """The cached keys rotated at their slots, ``[b, h, length, k]`` in ``dtype``.
+
+        With autograd on (training: one call per sequence) every key is rotated here, as the
+        reference does. Streaming, the rotations are kept in ``state.rotated`` and only the slots
+        written since the last eviction are rotated: the same values bit for bit (each slot's
+        rotation depends on its key and slot alone), once per token per eviction period.
+        """
+        T = state.length
+        if torch.is_grad_enabled():
+            return apply_rope(state.keys[:, :, :T].to(dtype), torch.arange(T, device=state.keys.device), self.rope_theta), state
+        rotated, done = state.rotated, state.n_rotated
+        stale = rotated is None or rotated.dtype != dtype or rotated.shape[2] != state.capacity
+        if stale or (rotated.is_inference() and not torch.is_inference_mode_enabled()):
+            rotated, done = state.keys.new_zeros(state.keys.shape, dtype=dtype), 0
+        if done < T:  # after append: this state owns slots [n_rotated, length) of ``rotated`` (see _Frontier)
+            slots = torch.arange(done, T, device=state.keys.device)
+            rotated[:, :, done:T] = apply_rope(state.keys[:, :, done:T].to(dtype), slots, self.rope_theta)
+        return rotated[:, :, :T], replace(state, rotated=rotated, n_rotated=T)
+
     def _evict(self, state: KVCacheState) -> KVCacheState:
         return evict(_RECENT if self.memory_off else self.policy, state, self.budget)
 
@@ -438,8 +492,11 @@ class CachedAttention(MemoryModule):
 def append(state: KVCacheState, k: Tensor, v: Tensor) -> KVCacheState:
     """The cache with ``m`` new tokens written at slots ``[length, length + m)``.
 
-    Out of place: the caller's state stays valid (state in, state out) and autograd sees no in-place
-    op. A cache too small for the new tokens grows (``full``, and the hf cache whose calls have any
+    The caller's state stays valid (state in, state out): its slots ``[0, length)`` are never
+    written. Without autograd, and when this state is its buffers' newest writer (the usual case: a
+    stream continuing from its last state), the new slots are written in place; otherwise (autograd
+    on, an older state continued again, a copy) the buffers are copied first (see :class:`_Frontier`).
+    A cache too small for the new tokens grows (``full``, and the hf cache whose calls have any
     size); a bounded memzoo cache never needs to.
 
     Args:
@@ -455,15 +512,47 @@ def append(state: KVCacheState, k: Tensor, v: Tensor) -> KVCacheState:
         state = _grow(state, max(L + m, 2 * state.capacity))
     T = L + m
     new_pos = torch.arange(state.position, state.position + m, device=k.device).expand(*k.shape[:2], m)
-    return KVCacheState(
-        keys=state.keys.slice_scatter(k.to(state.keys.dtype), dim=2, start=L, end=T),
-        values=state.values.slice_scatter(v.to(state.values.dtype), dim=2, start=L, end=T),
-        valid=state.valid.slice_scatter(torch.ones_like(new_pos, dtype=torch.bool), dim=2, start=L, end=T),
-        token_pos=state.token_pos.slice_scatter(new_pos, dim=2, start=L, end=T),
+    new = {"keys": k.to(state.keys.dtype), "values": v.to(state.values.dtype), "valid": True, "token_pos": new_pos}
+    if writes_in_place(state):
+        for name, value in new.items():
+            getattr(state, name)[:, :, L:T] = value
+        state.frontier.end = T
+        return replace(state, length=T, position=state.position + m)
+
+    def copied(t: Tensor, value, keep: int = L) -> Tensor:
+        # slots [0, keep) from the caller's buffer, then the new ones, then cleared slots (another writer may
+        # have left tokens past ``keep`` in a shared buffer)
+        out = torch.zeros_like(t) if t.dtype != torch.long else torch.full_like(t, -1)
+        out[:, :, :keep] = t[:, :, :keep]
+        if value is not None:
+            out[:, :, keep:T] = value
+        return out
+
+    keys = copied(state.keys, new["keys"])
+    rotated = None if state.rotated is None else copied(state.rotated, None, state.n_rotated)
+    return replace(
+        state,
+        keys=keys,
+        values=copied(state.values, new["values"]),
+        valid=copied(state.valid, True),
+        token_pos=copied(state.token_pos, new_pos),
         length=T,
         position=state.position + m,
-        policy=state.policy,
-        conv=state.conv,
+        rotated=rotated,
+        frontier=_Frontier(keys, T),
+    )
+
+
+def writes_in_place(state: KVCacheState) -> bool:
+    """Whether the next tokens may be written into ``state``'s buffers in place (see :class:`_Frontier`)."""
+    f, keys = state.frontier, state.keys
+    return (
+        f is not None
+        and f.ptr == keys.data_ptr()
+        and f.end == state.length
+        and not torch.is_grad_enabled()  # autograd may have saved a view of the buffers
+        and keys.is_contiguous()  # not an expanded view
+        and (torch.is_inference_mode_enabled() or not keys.is_inference())
     )
 
 
@@ -499,15 +588,18 @@ def evict(policy: EvictionPolicy, state: KVCacheState, budget: int) -> KVCacheSt
         compacted = {f.name: compact(v) for f in fields(policy_state) if _is_per_slot(v := getattr(policy_state, f.name), state)}
         policy_state = replace(policy_state, **compacted)
     valid = compact(state.valid)
+    keys, length = compact(state.keys), int(keep.sum(-1).max())
     return KVCacheState(
-        keys=compact(state.keys),
+        keys=keys,
         values=compact(state.values),
         valid=valid,
         token_pos=compact(state.token_pos).masked_fill(~valid, -1),
-        length=int(keep.sum(-1).max()),
+        length=length,
         position=state.position,
         policy=policy_state,
         conv=state.conv,
+        rotated=None if state.rotated is None else torch.zeros_like(state.rotated),  # keys moved: rotate again
+        frontier=_Frontier(keys, length),  # fresh buffers: this state is their only writer
     )
 
 
@@ -518,15 +610,16 @@ def _is_per_slot(value, state: KVCacheState) -> bool:
 def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
     """A larger copy of the cache (doubling keeps appends amortised O(1)); per-slot policy tensors grow too."""
 
-    def pad(t: Tensor, fill) -> Tensor:
-        extra = t.new_full((*t.shape[:2], capacity - t.shape[2], *t.shape[3:]), fill)
-        return torch.cat([t, extra], dim=2)
+    def pad(t: Tensor, fill) -> Tensor:  # slots past ``length`` are cleared: another writer may have used them
+        extra = t.new_full((*t.shape[:2], capacity - state.length, *t.shape[3:]), fill)
+        return torch.cat([t[:, :, : state.length], extra], dim=2)
 
     policy = state.policy
     if policy is not None:
         policy = replace(policy, **{f.name: pad(v, 0) for f in fields(policy) if _is_per_slot(v := getattr(policy, f.name), state)})
+    keys = pad(state.keys, 0)
     return KVCacheState(
-        keys=pad(state.keys, 0),
+        keys=keys,
         values=pad(state.values, 0),
         valid=pad(state.valid, False),
         token_pos=pad(state.token_pos, -1),
@@ -534,4 +627,7 @@ def _grow(state: KVCacheState, capacity: int) -> KVCacheState:
         position=state.position,
         policy=policy,
         conv=state.conv,
+        rotated=None if state.rotated is None else pad(state.rotated, 0),
+        n_rotated=state.n_rotated,
+        frontier=_Frontier(keys, state.length),
     )

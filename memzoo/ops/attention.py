@@ -54,6 +54,16 @@ def _causal_mask(s: int, t: int, window: int | None, device: torch.device) -> Te
         return _make_causal_mask(s, t, window, device)
 
 
+def _bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = may attend) as an additive bias of its own shape: 0 or -inf.
+
+    Adding it gives the very bits ``masked_fill(~mask, -inf)`` gives (``x + 0 == x``), and a small
+    mask (a per-head ``[b, h, 1, t]``: the cache's holes) is broadcast by the add, where a masked
+    fill over ``[b, h, s, t]`` is several times slower on CPU.
+    """
+    return torch.zeros(mask.shape, device=mask.device, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
 @functools.lru_cache(maxsize=8)
 def _causal_bias(s: int, t: int, window: int | None, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The causal mask as SDPA's additive bias: 0 where a query may attend, -inf elsewhere ([s, t], ``dtype``)."""
@@ -97,17 +107,17 @@ def attend(
         out [b, h, s, v], and probs [b, h, s, t] if ``return_probs``.
     """
     s, t = q.shape[-2], k.shape[-2]
-    full_mask = mask
-    if causal and (t != s or window is not None or mask is not None or return_probs):
-        cm = causal_mask(s, t, window=window, device=q.device)
-        full_mask = cm if mask is None else (mask & cm)
-    elif window is not None:
+    if window is not None and not causal:
         raise ValueError("window needs causal=True")
-
+    if causal and t < s:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got s={s}, t={t}")
     if return_probs:
-        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [b, h, s, t]
-        if full_mask is not None:
-            scores = scores.masked_fill(~full_mask, float("-inf"))
+        scores = q.float() @ k.float().transpose(-1, -2)  # [b, h, s, t]: the call's largest tensor, edited in place
+        scores.div_(math.sqrt(q.shape[-1]))
+        if causal:
+            scores.add_(_causal_bias(s, t, window, q.device, scores.dtype))
+        if mask is not None:
+            scores.add_(_bias(mask, scores.dtype))
         probs = scores.softmax(dim=-1)
         return (probs.to(v.dtype) @ v), probs
 
@@ -117,10 +127,14 @@ def attend(
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, window_size=w)
         return out.transpose(1, 2)
 
-    if full_mask is None:
+    causal_part = causal and (t != s or window is not None or mask is not None)  # else SDPA's own is_causal
+    if mask is None and not causal_part:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if mask is None and q.dtype.is_floating_point:
-        # the causal mask alone: hand SDPA its additive form, kept like the mask, rather than a bool mask it
-        # would turn into that very tensor (a torch.where over [s, t]) at every call
-        full_mask = _causal_bias(s, t, window, q.device, q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask)
+    # SDPA gets the mask in additive form rather than as a bool mask it would turn into that very tensor (a
+    # torch.where over [b, h, s, t]) at every call: the causal part is kept like the mask, and a per-head mask
+    # ([b, h, 1, t]: the cache's holes) is broadcast by one add
+    bias = _bias(mask, q.dtype) if mask is not None else None
+    if causal_part:
+        cb = _causal_bias(s, t, window, q.device, q.dtype)
+        bias = cb if bias is None else bias + cb
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -69,3 +69,26 @@ def test_per_head_masks_as_additive_bias_give_the_masked_fill_results_exactly():
     assert torch.equal(attend(q, k, v, mask=holes), F.scaled_dot_product_attention(q, k, v, attn_mask=full))
     both = attend(q, k, v, mask=holes, causal=False, return_probs=True)[1]  # no causal part: the mask alone
     assert torch.equal(both, ((q @ k.transpose(-1, -2)) / math.sqrt(8)).masked_fill(~holes, float("-inf")).softmax(-1))
+
+
+def test_explicit_attention_by_query_blocks_gives_one_blocks_numbers_exactly():
+    """Without autograd the explicit path runs by blocks of QUERY_BLOCK queries; each query's row is reduced over the
+    head dim and the keys only, in the same order, so blocks and one block agree bit for bit (and with autograd on,
+    where it is one block, gradients flow)."""
+    from memzoo.ops.attention import QUERY_BLOCK
+
+    torch.manual_seed(0)
+    s, t = 2 * QUERY_BLOCK + 7, 3 * QUERY_BLOCK
+    q, k, v = torch.randn(1, 2, s, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    holes = torch.rand(1, 2, 1, t) > 0.3
+    holes[..., -s:] = True
+    rows = torch.rand(1, 2, s, t) > 0.2
+    rows[..., -s:] |= torch.eye(s, dtype=torch.bool)  # every query keeps itself
+    for kw in [{}, {"window": 40}, {"mask": holes}, {"mask": rows}, {"mask": holes, "causal": False}]:
+        with torch.no_grad():
+            blocked = attend(q, k, v, return_probs=True, **kw)
+        qg = q.clone().requires_grad_()
+        one = attend(qg, k, v, return_probs=True, **kw)  # autograd on: a single block
+        assert torch.equal(blocked[0], one[0].detach()) and torch.equal(blocked[1], one[1].detach()), kw
+        one[0].sum().backward()
+        assert torch.isfinite(qg.grad).all()

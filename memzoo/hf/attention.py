@@ -71,7 +71,9 @@ def evicting_attention(
             is dropped, so a query may attend to "nothing".
 
     Returns:
-        out [b, n, H, v] and probs [b, H, n, T].
+        out [b, n, H, v] and probs [b, H, n, T]; probs is None (as transformers' ``sdpa`` returns) when no
+        policy reads them (no eviction cache, or one whose policy does not score by attention), and the
+        output is then SDPA's, without the probabilities materialised.
     """
     if dropout:
         raise ValueError(f"{ATTENTION!r} attention is for inference: got dropout={dropout}; call model.eval()")
@@ -87,10 +89,15 @@ def evicting_attention(
             )
         # query positions: the last n tokens the layer has seen
         q_pos = layer.state.position - n + torch.arange(n, device=key.device)  # [n]
-        mask = (valid & (token_pos >= 0))[:, :, None, :] & (token_pos[:, :, None, :] <= q_pos[:, None])  # [b, h, n, T]
-        if sliding_window is not None:
-            mask = mask & (token_pos[:, :, None, :] > q_pos[:, None] - sliding_window)
-        mask = mask.repeat_interleave(groups, dim=1)  # [b, H, n, T]
+        if bool(valid.all()) and bool((token_pos[..., -1] - token_pos[..., 0] == T - 1).all()):
+            # the slots hold consecutive stream positions (nothing evicted yet, e.g. a prompt's prefill): the mask
+            # below is then exactly the bottom-right causal one (and window): attention's own, kept, not [b, H, n, T]
+            mask = None if sliding_window is None else causal_mask(n, T, window=sliding_window, device=key.device)
+        else:
+            mask = (valid & (token_pos >= 0))[:, :, None, :] & (token_pos[:, :, None, :] <= q_pos[:, None])  # [b, h, n, T]
+            if sliding_window is not None:
+                mask = mask & (token_pos[:, :, None, :] > q_pos[:, None] - sliding_window)
+            mask = mask.repeat_interleave(groups, dim=1)  # [b, H, n, T]
     else:
         mask = None
         if attention_mask is not None:
@@ -100,11 +107,14 @@ def evicting_attention(
     # query head i uses KV head i // groups (transformers' repeat_kv layout)
     k, v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-    if softcap is None and s_aux is None:
+    observed = layer is not None and layer.policy.needs_attention
+    if softcap is None and s_aux is None and not observed:  # nobody reads the probabilities: SDPA, as transformers' sdpa
+        out, probs = attend(query * (scale * math.sqrt(query.shape[-1])), k, v, mask=mask), None
+    elif softcap is None and s_aux is None:
         out, probs = attend(query * (scale * math.sqrt(query.shape[-1])), k, v, mask=mask, return_probs=True)  # attend scales by 1/sqrt(k)
     else:
         out, probs = _capped_attention(query, k, v, mask, scale, softcap, s_aux)
-    if layer is not None and layer.policy.needs_attention:
+    if observed:
         layer.observe(reduce(probs, "b (h g) n t -> b h n t", "mean", g=groups))
     return out.transpose(1, 2).contiguous(), probs
 

@@ -128,7 +128,8 @@ def summarise(folder: Path) -> None:
     pairs = []
     for policy in by["memzoo"].keys() & by["kvpress"].keys():
         m, k = by["memzoo"][policy], by["kvpress"][policy]
-        pairs.append({"memzoo": policy, "kvpress": k["impl"], "memzoo_tokens_per_s": m["tokens_per_s"], "kvpress_tokens_per_s": k["tokens_per_s"],
+        pairs.append({"memzoo": policy, "kvpress": k["impl"],
+                      "memzoo_tokens_per_s": m["tokens_per_s"], "kvpress_tokens_per_s": k["tokens_per_s"],
                       "ratio": round(m["tokens_per_s"] / k["tokens_per_s"], 3),
                       "decode_ratio": round(m["decode_tokens_per_s"] / k["decode_tokens_per_s"], 3)})  # fmt: skip
         print(f"{policy:>7} {m['tokens_per_s']:8.2f} tok/s  vs {k['impl']:>22} {k['tokens_per_s']:8.2f}: {pairs[-1]['ratio']:.2f}x")

@@ -244,17 +244,17 @@ def state_formula(name: str, cfg, backbone) -> tuple[str, int | None]:
     h, d = backbone.n_heads, backbone.d_model
     k = d // h
     if name == "full":
-        return "h·C·(8k + 9), C = allocated slots ≥ n (doubling)", None
+        return "h·C·(12k + 9), C = allocated slots ≥ n (doubling)", None
     if name in ("window", "sinks", "l2"):
         C = cfg.budget + cfg.evict_every
-        return "h·C·(8k + 9), C = budget + evict_every", h * C * (8 * k + 9)
+        return "h·C·(12k + 9), C = budget + evict_every", h * C * (12 * k + 9)
     if name == "h2o":
         C = cfg.budget + cfg.evict_every
-        return "h·C·(8k + 13), C = budget + evict_every", h * C * (8 * k + 13)
+        return "h·C·(12k + 13), C = budget + evict_every", h * C * (12 * k + 13)
     if name == "namm":
         C = cfg.budget + cfg.evict_every
         w = cfg.evict_every + 32 - math.gcd(cfg.evict_every, 16)
-        return "h·C·(8k + 9 + 4(w + 17)) + 140, w = evict_every + 32 − gcd(evict_every, 16)", h * C * (8 * k + 9 + 4 * (w + 17)) + 140
+        return "h·C·(12k + 9 + 4(w + 17)) + 140, w = evict_every + 32 − gcd(evict_every, 16)", h * C * (12 * k + 9 + 4 * (w + 17)) + 140
     if name in ("infini", "infini-linear"):
         s = cfg.segment_len
         return "4·h·k·(k + 1 + 2s)", 4 * h * k * (k + 1 + 2 * s)
@@ -844,7 +844,38 @@ def performance_section() -> str:
         parts.append("Skipped (estimated from the previous length): " + ", ".join(
             f"`{s['design']}` at {s['tokens']:,} tokens (~{s['estimated_seconds']} s)" for s in d["stream_skipped"]))  # fmt: skip
     parts.append(bf16_snippet())
+    parts.append(hf_generate_snippet())
     return "\n\n".join(p for p in parts if p)
+
+
+def hf_generate_snippet() -> str:
+    """``memzoo.hf.EvictingCache`` beside kvpress's presses, from ``docs/results/bench/hf-generate/summary.json``."""
+    folder = RESULTS / "bench" / "hf-generate"
+    if not (folder / "summary.json").is_file():
+        return ""
+    summary, sides = json.loads((folder / "summary.json").read_text()), {}
+    for side in ("memzoo", "kvpress"):
+        sides[side] = json.loads((folder / f"{side}.json").read_text())
+    rows = []
+    for pair in summary["pairs"]:
+        m = next(r for r in sides["memzoo"]["rows"] if r["policy"] == pair["memzoo"])
+        k = next(r for r in sides["kvpress"]["rows"] if r["policy"] == pair["memzoo"])
+        rows.append([f"`{pair['memzoo']}` / `{pair['kvpress']}`", f"{pair['memzoo_tokens_per_s']:.1f} / {pair['kvpress_tokens_per_s']:.1f}",
+                     f"x{pair['ratio']:.2f}", f"{m['prefill_seconds']:.2f} / {k['prefill_seconds']:.2f}",
+                     f"{m['decode_tokens_per_s']:.0f} / {k['decode_tokens_per_s']:.0f}"])  # fmt: skip
+    first = sides["memzoo"]["rows"][0]
+    versions = ", ".join(f"{side}: transformers {d['machine']['transformers']}" for side, d in sides.items())
+    return (
+        "### The transformers cache beside kvpress\n\n"
+        "`OUT=docs/results/bench/hf-generate bash recipes/bench_hf_generate.sh`: `memzoo.hf.EvictingCache` and kvpress's "
+        f"matching press on the same random Llama weights, each side in its own environment ({versions}), one thread, "
+        f"greedy generation of {first['new_tokens']} tokens after a {first['prompt']:,}-token prompt, {first['budget']:,} tokens "
+        "kept, the fastest of 3 runs. kvpress compresses the prompt once, at prefill; memzoo's cache also evicts while "
+        "decoding. tokens/s counts the new tokens over the whole call (prefill included).\n\n"
+        + table(["memzoo / kvpress", "tokens/s", "ratio", "prefill s", "decode tokens/s"], rows)
+        + "\n\n"
+        + GENERATED_BY.format(what="`docs/results/bench/hf-generate/`")
+    )
 
 
 def bf16_snippet() -> str:
@@ -1019,6 +1050,7 @@ def training_probe_snippet(path: Path, name: str) -> str:
 def other_results_section() -> str:
     known = {RESULTS / "passkey", RESULTS / "passkey-control", RESULTS / "passkey-probe", RESULTS / "booksum", RESULTS / "recall"}
     drawn = {RESULTS / "bench" / "bench.json", RESULTS / "bench" / "bf16-check.json",  # performance_section()
+             *(RESULTS / "bench" / "hf-generate").glob("*.json"),
              RESULTS / "namm" / "feature_probe.json",  # the NAMM page
              RESULTS / "infini" / "ablation.json", RESULTS / "infini" / "memory-drift.json"}  # the Infini page  # fmt: skip
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []

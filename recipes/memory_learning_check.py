@@ -36,6 +36,7 @@ from memzoo.training import TrainConfig, Trainer
 
 MARK, QUERY = 5, 6  # control tokens, never used as filler or values
 VALUE0 = 10  # values are ids VALUE0 .. VALUE0 + n_values - 1
+KEY0 = 40  # with several facts, keys are ids KEY0 .. KEY0 + n_keys - 1
 FILLER = (100, 228)  # filler ids [lo, hi)
 
 
@@ -50,6 +51,10 @@ class CheckConfig:
     segment_len: int = 32
     n_segments: int = 4  # the fact sits in the first; queries end segments 2..n
     n_values: int = 16
+    # facts in segment 1: 1 = ``MARK v``, queried by ``QUERY``; more = ``MARK key v`` triples with distinct keys,
+    # each later segment ending ``key QUERY`` for one of them (associative recall carried across segments)
+    n_facts: int = 1
+    n_keys: int = 32
     batch_size: int = 32
     steps: int = 600
     max_minutes: float = 5.0
@@ -71,6 +76,8 @@ def make_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: to
     the position after it. The last query's answer lies past the stream, so one token (the value)
     is appended; being last, it changes no earlier prediction.
     """
+    if cfg.n_facts > 1:
+        return _make_fact_batch(cfg, batch_size, n_segments, generator)
     S, n = cfg.segment_len, n_segments * cfg.segment_len
     ids = torch.randint(*FILLER, (batch_size, n), generator=generator)
     values = VALUE0 + torch.randint(cfg.n_values, (batch_size,), generator=generator)
@@ -82,6 +89,29 @@ def make_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: to
     ids = torch.cat([ids, values[:, None]], dim=1)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, queries + 1] = values[:, None]
+    return {"input_ids": ids, "labels": labels}
+
+
+def _make_fact_batch(cfg: CheckConfig, batch_size: int, n_segments: int, generator: torch.Generator) -> dict:
+    """``n_facts`` triples ``MARK key v`` in segment 1 (distinct keys, non-overlapping); each later segment ends
+    ``key QUERY`` for a fact drawn at random, whose value is the label after it."""
+    S, n, F = cfg.segment_len, n_segments * cfg.segment_len, cfg.n_facts
+    if 3 * F > S or F > cfg.n_keys:
+        raise ValueError(f"{F} facts need segment_len >= {3 * F} and n_keys >= {F}; got {S} and {cfg.n_keys}")
+    ids = torch.randint(*FILLER, (batch_size, n), generator=generator)
+    keys = KEY0 + torch.rand(batch_size, cfg.n_keys, generator=generator).argsort(-1)[:, :F]  # [b, F] distinct
+    values = VALUE0 + torch.randint(cfg.n_values, (batch_size, F), generator=generator)
+    slots = torch.rand(batch_size, S // 3, generator=generator).argsort(-1)[:, :F] * 3  # [b, F] triple starts
+    rows = torch.arange(batch_size)[:, None]
+    ids[rows, slots], ids[rows, slots + 1], ids[rows, slots + 2] = MARK, keys, values
+    queries = torch.arange(2 * S - 1, n, S)  # the last token of segments 2..n; the key sits before it
+    asked = torch.randint(F, (batch_size, len(queries)), generator=generator)
+    ids[:, queries - 1] = keys.gather(1, asked)
+    ids[:, queries] = QUERY
+    answers = values.gather(1, asked)  # [b, n_segments - 1]
+    ids = torch.cat([ids, answers[:, -1:]], dim=1)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, queries + 1] = answers
     return {"input_ids": ids, "labels": labels}
 
 
@@ -106,8 +136,8 @@ def evaluate(model, cfg: CheckConfig, n_segments: int, *, knock_out: bool) -> li
 
 
 #: the option that sets each design's local span to the check's segment (titans-lmm has none)
-SPAN = {"infini": "segment_len", "infini-linear": "segment_len", "titans-mac": "segment_len", "titans-mag": "window",
-        "titans-mal": "window", "titans-lmm": None}  # fmt: skip
+SPAN = {"infini": "segment_len", "infini-linear": "segment_len", "infini-deltanet": "segment_len", "titans-mac": "segment_len",
+        "titans-mag": "window", "titans-mal": "window", "titans-lmm": None}  # fmt: skip
 
 
 def gates(model) -> dict:
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=CheckConfig.steps)
     parser.add_argument("--minutes", type=float, default=CheckConfig.max_minutes, help="training wall-time limit")
     parser.add_argument("--threads", type=int, default=CheckConfig.threads)
+    parser.add_argument("--facts", type=int, default=CheckConfig.n_facts, help="facts to carry (1: MARK v; more: MARK key v triples)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="design options (YAML values), e.g. norm_gain=false forget_init=0.001")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON results (default runs/learning-check/DESIGN.json)")
@@ -192,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             parser.error(f"--set takes KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
-    cfg = CheckConfig(design=args.design, steps=args.steps, max_minutes=args.minutes, threads=args.threads, options=options)
+    cfg = CheckConfig(design=args.design, steps=args.steps, max_minutes=args.minutes, threads=args.threads, options=options,
+                      n_facts=args.facts)  # fmt: skip
     print(json.dumps(run(cfg, args.out or f"runs/learning-check/{args.design}.json"), indent=1))
 
 

@@ -615,3 +615,29 @@ def test_the_learning_check_runs_and_knocks_the_memory_out(design, tmp_path):
     result = recipe.run(cfg, out=tmp_path / "r.json")
     assert result["steps"] == 2 and len(result["accuracy_per_query_3seg_knocked_out"]) == 2
     assert json.loads((tmp_path / "r.json").read_text())["accuracy_with_memory"] == result["accuracy_with_memory"]
+
+
+def test_the_learning_checks_facts_are_where_the_queries_ask_for_them():
+    """With several facts, segment 1 holds ``MARK key v`` triples with distinct keys, and each later segment ends
+    ``key QUERY`` whose label (the token after the query) is that key's value: the answer exists only in segment 1."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "memory_learning_check.py"
+    spec = importlib.util.spec_from_file_location("memory_learning_check", path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    spec.loader.exec_module(recipe)
+    cfg = recipe.CheckConfig(segment_len=16, n_facts=4)
+    batch = recipe.make_batch(cfg, 8, 3, torch.Generator().manual_seed(0))
+    ids, labels = batch["input_ids"], batch["labels"]
+    for row in range(8):
+        first = ids[row, :16].tolist()
+        marks = [i for i, t in enumerate(first) if t == recipe.MARK]
+        facts = {first[i + 1]: first[i + 2] for i in marks}
+        assert len(marks) == 4 and len(facts) == 4  # four triples, distinct keys
+        for q in (31, 47):  # the last token of segments 2 and 3
+            assert ids[row, q] == recipe.QUERY and labels[row, q + 1] == facts[int(ids[row, q - 1])]
+    assert (labels != recipe.IGNORE_INDEX).sum() == 8 * 2
+    with pytest.raises(ValueError, match="facts need"):
+        recipe.make_batch(recipe.CheckConfig(segment_len=8, n_facts=4), 2, 2, torch.Generator())

@@ -144,6 +144,8 @@ def gates(model) -> dict:
     """The memory gates the model learned, per layer: infini's sigmoid(beta) per head; Titans' mean
     eta, theta, alpha over heads at a zero input (the bias: the gate of a token that says nothing)."""
     if hasattr(model.blocks[0].mixer, "beta"):
+        if model.blocks[0].mixer.beta is None:  # infini-deltanet reads its memory without a learned mix
+            return {}
         return {"sigmoid_beta": [[round(float(g), 3) for g in blk.mixer.beta.detach().sigmoid()] for blk in model.blocks]}
     rows = []
     for blk in model.blocks:

@@ -599,7 +599,7 @@ def test_max_momentum_caps_eta_even_with_huge_gate_logits(x):
         assert float(uncapped._gates(x)[..., 0].max()) == 1.0  # the default: exactly 1
 
 
-@pytest.mark.parametrize("design", ["titans-lmm", "titans-mac", "titans-mag", "titans-mal", "infini"])
+@pytest.mark.parametrize("design", ["titans-lmm", "titans-mac", "titans-mag", "titans-mal", "infini", "infini-deltanet"])
 def test_the_learning_check_runs_and_knocks_the_memory_out(design, tmp_path):
     """Two steps of the recipe (its minutes-long run is the real check): it trains, evaluates both ways, writes JSON."""
     import importlib.util

@@ -89,10 +89,13 @@ def evicting_attention(
             )
         # query positions: the last n tokens the layer has seen
         q_pos = layer.state.position - n + torch.arange(n, device=key.device)  # [n]
-        if bool(valid.all()) and bool((token_pos[..., -1] - token_pos[..., 0] == T - 1).all()):
+        all_valid = bool(valid.all())
+        if all_valid and bool((token_pos[..., -1] - token_pos[..., 0] == T - 1).all()):
             # the slots hold consecutive stream positions (nothing evicted yet, e.g. a prompt's prefill): the mask
             # below is then exactly the bottom-right causal one (and window): attention's own, kept, not [b, H, n, T]
             mask = None if sliding_window is None else causal_mask(n, T, window=sliding_window, device=key.device)
+        elif all_valid and n == 1 and sliding_window is None:
+            mask = None  # one new token (decoding): every kept token precedes it, so it sees them all
         else:
             mask = (valid & (token_pos >= 0))[:, :, None, :] & (token_pos[:, :, None, :] <= q_pos[:, None])  # [b, h, n, T]
             if sliding_window is not None:

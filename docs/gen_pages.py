@@ -901,6 +901,32 @@ def bf16_snippet() -> str:
     )
 
 
+def titans_facts_snippet() -> str:
+    """The learning check with several facts (``recipes/memory_learning_check.py --facts 4``), for the Titans page."""
+    from memzoo.plots import format_length
+
+    folder = RESULTS / "titans" / "learning-check-facts4"
+    runs = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not runs:
+        return f"{NOT_MEASURED} Run `python recipes/memory_learning_check.py --design titans-mag --facts 4`."
+    rows = []
+    for p in runs:
+        d = json.loads(p.read_text())
+        options = " ".join(f"{k}={v}" for k, v in d["config"]["options"].items()) or "defaults"
+        acc = ", ".join(f"{m:.2f} ({k:.2f})" for m, k in zip(d["accuracy_per_query_4seg"], d["accuracy_per_query_4seg_knocked_out"]))
+        far = "; ".join(f"{format_length(r['tokens'])} {r['with_memory']:.2f} ({r['knocked_out']:.2f})" for r in d["last_query"][2:])
+        rows.append([f"`{d['config']['design']}`", md_escape(options), str(d["steps"]), f"{d['loss_first_last'][1]:.2f}", acc, far])
+    chance = json.loads(runs[0].read_text())["chance"]
+    return (
+        "Each row is one run (seed 0, a 5-minute budget unless `--steps 600 --minutes 10`): queries after segments "
+        f"2, 3 and 4 with the memory, knocked out in brackets (chance {chance:.2f}); then the last query of far longer "
+        "streams (few rows: coarse).\n\n"
+        + table(["design", "options", "steps", "final loss", "accuracy, segments 2-4 (knocked out)", "longer streams"], rows)
+        + "\n\n"
+        + GENERATED_BY.format(what="`docs/results/titans/learning-check-facts4/`")
+    )
+
+
 def namm_feature_probe_snippet() -> str:
     """How well a logistic probe on NAMM's features tells needle tokens from filler
     (``recipes/namm_feature_probe.py`` -> ``docs/results/namm/feature_probe.json``), for the NAMM page."""
@@ -1052,6 +1078,7 @@ def other_results_section() -> str:
     drawn = {RESULTS / "bench" / "bench.json", RESULTS / "bench" / "bf16-check.json",  # performance_section()
              *(RESULTS / "bench" / "hf-generate").glob("*.json"),
              RESULTS / "namm" / "feature_probe.json",  # the NAMM page
+             *(RESULTS / "titans" / "learning-check-facts4").glob("*.json"),  # the Titans page
              RESULTS / "infini" / "ablation.json", RESULTS / "infini" / "memory-drift.json"}  # the Infini page  # fmt: skip
     others = sorted(p for p in RESULTS.rglob("*.json") if p.parent not in known and p not in drawn) if RESULTS.is_dir() else []
     if not others:
@@ -1327,6 +1354,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings += api_pages()
     write(GEN / "designs.md", designs_snippet(memzoo))
     write(GEN / "namm-feature-probe.md", namm_feature_probe_snippet())
+    write(GEN / "titans-facts.md", titans_facts_snippet())
     write(GEN / "infini-ablation.md", infini_ablation_snippet())
     write(GEN / "infini-deltanet-grid.md", grid_with_control_snippet("infini-deltanet"))
     write(GEN / "infini-memory-drift.md", memory_drift_snippet())

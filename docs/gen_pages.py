@@ -915,13 +915,14 @@ def titans_facts_snippet() -> str:
         options = " ".join(f"{k}={v}" for k, v in d["config"]["options"].items()) or "defaults"
         acc = ", ".join(f"{m:.2f} ({k:.2f})" for m, k in zip(d["accuracy_per_query_4seg"], d["accuracy_per_query_4seg_knocked_out"]))
         far = "; ".join(f"{format_length(r['tokens'])} {r['with_memory']:.2f} ({r['knocked_out']:.2f})" for r in d["last_query"][2:])
-        rows.append([f"`{d['config']['design']}`", md_escape(options), str(d["steps"]), f"{d['loss_first_last'][1]:.2f}", acc, far])
+        loss = f"{d['loss_first_last'][1]:.2f}"
+        rows.append([f"`{d['config']['design']}`", md_escape(options), str(d["config"]["seed"]), str(d["steps"]), loss, acc, far])
     chance = json.loads(runs[0].read_text())["chance"]
     return (
-        "Each row is one run (seed 0, a 5-minute budget unless `--steps 600 --minutes 10`): queries after segments "
+        "Each row is one run (a 5-minute budget, or 600 steps where the command says `--steps 600 --minutes 10`): queries after segments "
         f"2, 3 and 4 with the memory, knocked out in brackets (chance {chance:.2f}); then the last query of far longer "
         "streams (few rows: coarse).\n\n"
-        + table(["design", "options", "steps", "final loss", "accuracy, segments 2-4 (knocked out)", "longer streams"], rows)
+        + table(["design", "options", "seed", "steps", "final loss", "accuracy, segments 2-4 (knocked out)", "longer streams"], rows)
         + "\n\n"
         + GENERATED_BY.format(what="`docs/results/titans/learning-check-facts4/`")
     )

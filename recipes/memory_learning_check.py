@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,8 @@ def gates(model) -> dict:
     return {"titans_gates_at_zero_input": rows}
 
 
-def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
-    """Train, evaluate with and without memory, return (and write to ``out``) the results."""
+def run(cfg: CheckConfig, out: str | Path | None = None, command: str | None = None) -> dict:
+    """Train, evaluate with and without memory, return (and write to ``out``) the results (with ``command``, the line that ran it)."""
     if cfg.design not in SPAN:
         raise ValueError(f"the learning check is for the compressive memories {sorted(SPAN)}, got {cfg.design!r}")
     torch.set_num_threads(cfg.threads)
@@ -202,6 +203,8 @@ def run(cfg: CheckConfig, out: str | Path | None = None) -> dict:
     # headline: the last query at the training length (fact n_segments - 1 segments back)
     result["accuracy_with_memory"] = result[f"accuracy_per_query_{cfg.n_segments}seg"][-1]
     result["accuracy_memory_knocked_out"] = result[f"accuracy_per_query_{cfg.n_segments}seg_knocked_out"][-1]
+    if command is not None:
+        result["command"] = command
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=CheckConfig.max_minutes, help="training wall-time limit")
     parser.add_argument("--threads", type=int, default=CheckConfig.threads)
     parser.add_argument("--facts", type=int, default=CheckConfig.n_facts, help="facts to carry (1: MARK v; more: MARK key v triples)")
+    parser.add_argument("--seed", type=int, default=CheckConfig.seed, help="initialisation and training data (evaluation rows are fixed)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="design options (YAML values), e.g. norm_gain=false forget_init=0.001")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON results (default runs/learning-check/DESIGN.json)")
@@ -226,8 +230,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--set takes KEY=VALUE, got {item!r}")
         options[key] = yaml.safe_load(value)
     cfg = CheckConfig(design=args.design, steps=args.steps, max_minutes=args.minutes, threads=args.threads, options=options,
-                      n_facts=args.facts)  # fmt: skip
-    print(json.dumps(run(cfg, args.out or f"runs/learning-check/{args.design}.json"), indent=1))
+                      n_facts=args.facts, seed=args.seed)  # fmt: skip
+    out = args.out or f"runs/learning-check/{args.design}.json"
+    command = " ".join(["python recipes/memory_learning_check.py", *(argv if argv is not None else sys.argv[1:])])
+    print(json.dumps(run(cfg, out, command=command), indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden
 
 
 def machine() -> dict:
+    # memzoo.bench.machine_info's fields; memzoo is not importable on the kvpress side
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
     import transformers
 
@@ -90,9 +91,7 @@ def main() -> None:
             import kvpress
 
             ratio = 1 - args.budget / args.prompt
-            press = getattr(kvpress, PAIRS[policy])(compression_ratio=ratio)
-            if policy == "window":
-                press = kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4)
+            press = getattr(kvpress, PAIRS[policy])(compression_ratio=ratio, **({"n_sink": 4} if policy == "window" else {}))
             model = load_model(args.model, "eager" if policy == "h2o" else "sdpa")  # observed attention needs eager's weights
 
             def make(n_new: int, press=press, model=model):

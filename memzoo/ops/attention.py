@@ -134,8 +134,7 @@ def attend(
 
 
 #: queries per block of the explicit-probabilities path without autograd: a block's scores stay in cache
-#: through scale, mask, softmax and the product with the values (2.4x faster than one block for 512
-#: queries over 1,536 keys and 4 heads, on one core)
+#: through scale, mask, softmax and the product with the values (``memzoo bench``'s h2o stream measures it)
 QUERY_BLOCK = 64
 
 
@@ -144,7 +143,8 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, causal_bias: Tensor | N
 
     Each query's row is computed by the same ops in the same order whatever the blocking (the
     reductions run over the head dim and over the keys, never over queries), so the blocks give
-    one block's numbers bit for bit. With autograd on it is one block (``out=`` is not differentiable).
+    one block's numbers bit for bit. With autograd on it is one block: the blocked form fills
+    preallocated tensors in place, which would only add copies to the backward graph.
     """
     s, t = q.shape[-2], k.shape[-2]
     qf, kt = q.float(), k.float().transpose(-1, -2)

@@ -301,6 +301,9 @@ def perturbed(mod):
         for name in ("read_norm", "out_norm", "out_gate", "memory_norm"):
             if getattr(mod, name, None) is not None:
                 mod.get_submodule(name).weight.copy_(torch.randn(mod.get_submodule(name).weight.shape, generator=g))
+        conv = getattr(getattr(mod, "attn", None), "conv", None)
+        if conv is not None:  # the attention's short conv off the identity
+            conv.copy_(0.5 * torch.randn(conv.shape, generator=g))
     return mod
 
 
@@ -342,7 +345,12 @@ def ref_window(attn, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     N_p + W + (p mod W) (block-local), a key at stream j at the same position minus p - j, the
     prefix at 0..N_p-1."""
     W, n_p, theta = attn.window, prefix.shape[1], attn.rope_theta
-    q, (k, v) = heads(attn.proj.q(x)), (heads(t) for t in attn.proj.kv(x).chunk(2, dim=-1))
+    p = torch.cat([attn.proj.q(x), attn.proj.kv(x)], dim=-1)
+    if attn.conv is not None:  # y_t = sum_j taps[:, j] p_{t - K + 1 + j}, zeros before the stream; the last tap is 1 + offset
+        K = attn.conv.shape[1]
+        taps = attn.conv + torch.nn.functional.one_hot(torch.tensor(K - 1), K).to(attn.conv.dtype)
+        p = sum(taps[:, j] * torch.nn.functional.pad(p, (0, 0, K - 1 - j, 0))[:, : x.shape[1]] for j in range(K))
+    q, k, v = (heads(t) for t in p.chunk(3, dim=-1))
     kp, vp = (heads(t).expand(x.shape[0], -1, -1, -1) for t in attn.proj.kv(prefix).chunk(2, dim=-1))
     outs = []
     for p in range(x.shape[1]):
@@ -432,10 +440,10 @@ def test_mac_matches_reference(x):
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 
 
-@pytest.mark.parametrize("output", ["gate", "normed"])
-def test_mag_matches_reference(x, output):
+@pytest.mark.parametrize("output, attn_conv", [("gate", 0), ("normed", 0), ("normed", 3)])
+def test_mag_matches_reference(x, output, attn_conv):
     torch.manual_seed(0)
-    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output=output, **SMALL)))
+    mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output=output, attn_conv_kernel=attn_conv, **SMALL)))
     with torch.no_grad():
         y = ref_window(mod.attn, x, mod.persistent[None])
         gate = torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x)))  # eq. 28
@@ -466,9 +474,10 @@ def test_mag_gate_starts_at_one(x):
         assert_close(run_module(mod, x, [4, 9])[0], mod.out(y), **placement_op(mod))
 
 
-def test_mal_matches_reference(x):
+@pytest.mark.parametrize("attn_conv", [0, 3])
+def test_mal_matches_reference(x, attn_conv):
     torch.manual_seed(0)
-    mod = perturbed(TitansMAL(D, H, TitansMALConfig(window=6, n_persistent=2, **SMALL)))
+    mod = perturbed(TitansMAL(D, H, TitansMALConfig(window=6, n_persistent=2, attn_conv_kernel=attn_conv, **SMALL)))
     with torch.no_grad():
         r = ref_memory(mod.memory, torch.cat([mod.persistent[None].expand(2, -1, -1), x], dim=1))  # eq. 30
         want = mod.out(ref_window(mod.attn, r[:, 2:], r[:, :2]))  # eq. 31, the persistent reads as prefix
@@ -501,8 +510,8 @@ PLACEMENTS = [(TitansLMM, TitansConfig), (TitansMAC, TitansMACConfig), (TitansMA
 KNOBS = {
     TitansConfig: {},
     TitansMACConfig: {"segment_len": 8, "n_persistent": 2},
-    TitansMAGConfig: {"window": 6, "n_persistent": 2},
-    TitansMALConfig: {"window": 6, "n_persistent": 2},
+    TitansMAGConfig: {"window": 6, "n_persistent": 2, "attn_conv_kernel": 3},
+    TitansMALConfig: {"window": 6, "n_persistent": 2, "attn_conv_kernel": 3},
 }
 
 
@@ -546,7 +555,24 @@ def test_memory_maths_stays_fp32_under_autocast(x):
     assert all(w.dtype == torch.float32 for w in state.memory.weights + state.segment_weights)
 
 
+def test_a_fresh_attention_conv_is_the_identity(x):
+    """attn_conv_kernel starts at the identity: a MAG with it computes what the MAG without it computes."""
+    outs = []
+    for kernel in (0, 4):
+        torch.manual_seed(0)
+        mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, **SMALL)))
+        conv = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, attn_conv_kernel=kernel, **SMALL))
+        missing, unexpected = conv.load_state_dict(mod.state_dict(), strict=False)
+        assert unexpected == [] and missing == ([] if kernel == 0 else ["attn.conv"])
+        with torch.no_grad():
+            outs.append(run_module(conv, x, [5, 9])[0])
+    # the identity taps give the projections to rounding (conv1d's own summation), the memory then amplifies
+    assert_close(outs[1], outs[0], **placement_op(mod))
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="attn_conv_kernel"):
+        TitansMAGConfig(attn_conv_kernel=1)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         TitansMACConfig(segment_len=10, chunk_size=4)
     with pytest.raises(ValueError, match="lr_init < max_lr"):

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..model import RMSNorm
 from ..ops.attention import attend, causal_mask
-from ..ops.conv import causal_conv
+from ..ops.conv import causal_conv, identity_plus
 from ..ops.rope import apply_rope
 from ..ops.titans import at_least_fp32, memory_read, mlp_shapes, titans_chunked
 from ..registry import register
@@ -228,10 +228,22 @@ class TitansWindowConfig(TitansConfig):
     Attributes:
         window: keys each token attends to (itself included), besides the persistent prefix.
         n_persistent: N_p, learned persistent tokens, visible to every token.
+        attn_conv_kernel: taps of a short causal depthwise conv on the attention's q, k and v after
+            their projection (0: none, the paper's layout), as ``full``'s ``conv_kernel``: each key
+            then carries its predecessors, which multi-token key matching (associative recall)
+            needs. Initialised to the identity, so a warm start from attention without it begins
+            unchanged; its left context lives in the window's state. The memory's own conv
+            (``conv_kernel``) is separate.
     """
 
     window: int = field(default=512, metadata=bounds(ge=1))
     n_persistent: int = field(default=4, metadata=bounds(ge=0))
+    attn_conv_kernel: int = field(default=0, metadata=bounds(ge=0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attn_conv_kernel == 1:
+            raise ValueError("attn_conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
 
 
 @dataclass
@@ -321,11 +333,14 @@ class WindowState(MemoryState):
         keys: ``[b, h, 2w, k]`` un-rotated keys; slots ``[0, w)`` hold the previous block,
             ``[w, w + fill)`` the current one.
         values: ``[b, h, 2w, v]``.
+        conv: ``[b, kernel - 1, 3d]`` the last q/k/v projections before the attention's conv
+            (``attn_conv_kernel`` only; None otherwise).
         position: tokens seen so far.
     """
 
     keys: Tensor
     values: Tensor
+    conv: Tensor | None = None
     position: int = 0
 
 
@@ -586,23 +601,41 @@ class _PrefixWindowAttention(nn.Module):
     """Sliding-window softmax attention over ``[prefix | stream]``, the prefix visible to every token.
 
     Blocks of ``window`` stream tokens: a block's queries see the previous and current block
-    (masked to the ``window`` most recent keys), at block-local RoPE positions.
+    (masked to the ``window`` most recent keys), at block-local RoPE positions. With
+    ``conv_kernel`` the stream's q/k/v pass a short causal conv (identity + learned offset, the
+    offset zero at init); the prefix's keys/values do not (they are no stream).
     """
 
-    def __init__(self, d_model: int, n_heads: int, window: int, rope_theta: float):
+    def __init__(self, d_model: int, n_heads: int, window: int, rope_theta: float, conv_kernel: int = 0):
         super().__init__()
         self.n_heads, self.head_dim, self.window, self.rope_theta = n_heads, d_model // n_heads, window, rope_theta
         self.proj = _Projections(d_model, n_heads)
+        self.conv = nn.Parameter(torch.zeros(3 * d_model, conv_kernel)) if conv_kernel else None
+
+    def reset_memory_parameters(self) -> None:
+        """The short conv at the identity (its learned offset at 0); the model's init hook calls it."""
+        if self.conv is not None:
+            nn.init.zeros_(self.conv)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> WindowState:
         shape = (batch_size, self.n_heads, 2 * self.window, self.head_dim)
-        return WindowState(keys=torch.zeros(shape, device=device, dtype=dtype), values=torch.zeros(shape, device=device, dtype=dtype))
+        def zeros(*size):
+            return torch.zeros(size, device=device, dtype=dtype)
+
+        conv = None if self.conv is None else zeros(batch_size, self.conv.shape[1] - 1, self.conv.shape[0])
+        return WindowState(keys=zeros(*shape), values=zeros(*shape), conv=conv)
 
     def forward(self, x: Tensor, prefix: Tensor, state: WindowState) -> tuple[Tensor, WindowState]:
         """x: [b, n, d]; prefix: [b or 1, N_p, d] -> heads concatenated [b, n, d], next state."""
         b, n, W = x.shape[0], x.shape[1], self.window
-        q = self.proj.queries(x)
-        k, v = self.proj.keys_values(x)
+        conv = state.conv
+        if self.conv is None:
+            q = self.proj.queries(x)
+            k, v = self.proj.keys_values(x)
+        else:
+            p, conv = causal_conv(torch.cat([self.proj.q(x), self.proj.kv(x)], dim=-1), state.conv, identity_plus(self.conv))
+            q, k, v = (_heads(t, self.n_heads) for t in p.chunk(3, dim=-1))
+            conv = conv.to(state.conv.dtype)
         kp, vp = (t.expand(b, -1, -1, -1) for t in self.proj.keys_values(prefix))  # [b, h, N_p, k]
         n_p = kp.shape[2]
         outs, start = [], 0
@@ -635,7 +668,7 @@ class _PrefixWindowAttention(nn.Module):
             pos += m
             start = end
         y = rearrange(torch.cat(outs, dim=2), "b h n k -> b n (h k)")
-        return y, WindowState(keys=keys, values=values, position=pos)
+        return y, WindowState(keys=keys, values=values, conv=conv, position=pos)
 
 
 # ---------------------------------------------------------------------------------- placements
@@ -823,7 +856,7 @@ class TitansMAG(_WithPersistent):
 
     def __init__(self, d_model: int, n_heads: int, config: TitansMAGConfig, rope_theta: float = 10000.0):
         super().__init__(d_model, n_heads, config)
-        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta)
+        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta, config.attn_conv_kernel)
         self.attn_norm = RMSNorm(d_model) if config.output == "normed" else None
         self.memory_norm = RMSNorm(d_model)
         self.reset_memory_parameters()
@@ -860,7 +893,7 @@ class TitansMAL(_WithPersistent):
 
     def __init__(self, d_model: int, n_heads: int, config: TitansMALConfig, rope_theta: float = 10000.0):
         super().__init__(d_model, n_heads, config)
-        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta)
+        self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta, config.attn_conv_kernel)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMALState:
         device = self._default_device(device)

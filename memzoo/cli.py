@@ -472,10 +472,26 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_results(checkpoint: str | Path, task: str) -> Path:
+    """The committed results of a shipped checkpoint: ``docs/results/<task>/<stem>.json`` of the repository
+    its ``checkpoints/`` folder sits in (``checkpoints/recall-namm`` -> ``docs/results/recall/namm.json``)."""
+    folder = Path(checkpoint)
+    design = json.loads((folder / "config.json").read_text())["memory"]
+    found = folder.resolve().parent.parent / "docs" / "results" / task / f"{results_stem(folder, design, task)}.json"
+    with contextlib.suppress(ValueError):  # relative to the working folder where it lies below it (the card cites it)
+        found = found.relative_to(Path.cwd())
+    return found
+
+
 def _cmd_card(args: argparse.Namespace) -> int:
     from memzoo.cards import write_card
 
-    print(f"wrote {write_card(args.checkpoint, args.results)}")
+    results = args.results
+    if results is None:
+        found = _default_results(args.checkpoint, args.task)
+        results = found if found.is_file() else None
+        print(f"results: {found}" if results else f"no results at {found}: the card says 'not measured yet' (pass --results FILE)")
+    print(f"wrote {write_card(args.checkpoint, results)}")
     return 0
 
 
@@ -901,9 +917,10 @@ def _add_run_commands(group, task: str) -> None:
     p.set_defaults(func=_cmd_ship)
 
     p = group.add_parser("card", help="(re)write a checkpoint's model card from its training.json and results JSON")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--results", default=None, help=f"{task} results JSON of this checkpoint")
-    p.set_defaults(func=_cmd_card)
+    p.add_argument("--checkpoint", required=True, type=_checkpoint)
+    p.add_argument("--results", default=None, type=_existing_file,
+                   help=f"{task} results JSON of this checkpoint (default: docs/results/{task}/<design>.json)")  # fmt: skip
+    p.set_defaults(func=_cmd_card, task=task)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,19 @@ def test_ship_derive_and_card(tmp_path):
     derived = write_card(tmp_path / "ck-evict").read_text()
     assert "No training of its own" in derived and "bfloat16" in derived and "Not measured yet" in derived
     assert memzoo.load(tmp_path / "ck-evict").embed.weight.dtype == torch.float32  # loads back to fp32
+
+    # `memzoo passkey card` without --results reads the repository's own results of the checkpoint
+    repo = tmp_path / "repo"
+    shutil.copytree(tmp_path / "ck-full", repo / "checkpoints" / "passkey-full")
+    (repo / "docs" / "results" / "passkey").mkdir(parents=True)
+    shutil.copy(tmp_path / "res" / "full.json", repo / "docs" / "results" / "passkey" / "full.json")
+    (repo / "checkpoints" / "passkey-full" / "README.md").unlink()
+    assert main(["passkey", "card", "--checkpoint", str(repo / "checkpoints" / "passkey-full")]) == 0
+    found = (repo / "checkpoints" / "passkey-full" / "README.md").read_text()
+    table = [line for line in card.splitlines() if line.startswith("|")]
+    assert table and all(line in found.splitlines() for line in table) and "Not measured yet" not in found
+    with pytest.raises(SystemExit):  # a results file that is not there: argparse's one-line error
+        main(["passkey", "card", "--checkpoint", str(repo / "checkpoints" / "passkey-full"), "--results", str(tmp_path / "nope.json")])
 
 
 def test_derive_namm_with_an_evolved_scorer(tmp_path):

@@ -298,7 +298,7 @@ def perturbed(mod):
     with torch.no_grad():
         if mod.memory.norm_gain is not None:
             mod.memory.norm_gain.copy_(0.2 + 0.6 * torch.rand(mod.memory.norm_gain.shape, generator=g))
-        for name in ("read_norm", "out_norm", "out_gate", "memory_norm"):
+        for name in ("read_norm", "out_norm", "out_gate", "memory_norm", "memory_out"):
             if getattr(mod, name, None) is not None:
                 mod.get_submodule(name).weight.copy_(torch.randn(mod.get_submodule(name).weight.shape, generator=g))
         conv = getattr(getattr(mod, "attn", None), "conv", None)
@@ -440,14 +440,17 @@ def test_mac_matches_reference(x):
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 
 
-@pytest.mark.parametrize("output, attn_conv", [("gate", 0), ("normed", 0), ("normed", 3)])
+@pytest.mark.parametrize("output, attn_conv", [("gate", 0), ("normed", 0), ("normed", 3), ("add", 3)])
 def test_mag_matches_reference(x, output, attn_conv):
     torch.manual_seed(0)
     mod = perturbed(TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output=output, attn_conv_kernel=attn_conv, **SMALL)))
     with torch.no_grad():
         y = ref_window(mod.attn, x, mod.persistent[None])
         gate = torch.sigmoid(mod.memory_norm(ref_memory(mod.memory, x)))  # eq. 28
-        want = mod.out(y * 2 * gate if output == "gate" else mod.attn_norm(y) * gate)
+        if output == "add":  # not the paper's: the read added through its own projection
+            want = mod.out(y) + mod.memory_out(mod.memory_norm(ref_memory(mod.memory, x)))
+        else:
+            want = mod.out(y * 2 * gate if output == "gate" else mod.attn_norm(y) * gate)
         assert_close(run_module(mod, x, [4, 9])[0], want, **placement_op(mod))
 
 
@@ -472,6 +475,24 @@ def test_mag_gate_starts_at_one(x):
     with torch.no_grad():
         y = ref_window(mod.attn, x, mod.persistent[None])
         assert_close(run_module(mod, x, [4, 9])[0], mod.out(y), **placement_op(mod))
+
+
+def test_mag_add_starts_as_its_window_attention_and_the_memory_then_learns(x):
+    """output="add": W_M starts at 0, so a fresh MAG is its window attention exactly; W_M gets a gradient at
+    once, and after one SGD step on it the memory's own projections get one too."""
+    torch.manual_seed(0)
+    mod = TitansMAG(D, H, TitansMAGConfig(window=6, n_persistent=2, output="add", **SMALL))
+    assert float(mod.memory_out.weight.abs().max()) == 0.0
+    with torch.no_grad():
+        y = ref_window(mod.attn, x, mod.persistent[None])
+        assert_close(run_module(mod, x, [4, 9])[0], mod.out(y), **placement_op(mod))
+    run_module(mod, x)[0].pow(2).sum().backward()
+    assert float(mod.memory_out.weight.grad.abs().max()) > 0 and mod.memory.qkv.weight.grad.abs().max() == 0
+    with torch.no_grad():
+        mod.memory_out.weight -= 0.1 * mod.memory_out.weight.grad
+    mod.zero_grad()
+    run_module(mod, x)[0].pow(2).sum().backward()
+    assert float(mod.memory.qkv.weight.grad.abs().max()) > 0
 
 
 @pytest.mark.parametrize("attn_conv", [0, 3])

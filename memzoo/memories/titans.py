@@ -257,10 +257,14 @@ class TitansMAGConfig(TitansWindowConfig):
             norm's weight starting at ``gate_init``; at 0 the gate is exactly 1 (a warm start is its
             backbone's window attention) but the read then gets no gradient, a saddle (0.20 in the
             same check; 0.80 with ``gate_init=1``).
+            ``"add"`` (not the paper's): ``W_O y + W_M RMSNorm(M(x))`` with ``W_M`` zero at init, so a
+            warm start is its backbone's window attention exactly and the read reaches the output
+            directly (as ``infini-deltanet``'s ``mix="add"``), instead of only through a gate on ``y``,
+            which carries no fact the window does not hold.
         gate_init: ``output="gate"`` only: the initial weight of the gate's norm.
     """
 
-    output: str = field(default="normed", metadata=bounds(choices=("gate", "normed")))
+    output: str = field(default="normed", metadata=bounds(choices=("gate", "normed", "add")))
     gate_init: float = field(default=1.0, metadata=bounds(ge=0))
 
     def build_module(self, backbone, layer_idx: int) -> TitansMAG:
@@ -859,13 +863,19 @@ class TitansMAG(_WithPersistent):
         self.attn = _PrefixWindowAttention(d_model, n_heads, config.window, rope_theta, config.attn_conv_kernel)
         self.attn_norm = RMSNorm(d_model) if config.output == "normed" else None
         self.memory_norm = RMSNorm(d_model)
+        self.memory_out = nn.Linear(d_model, d_model, bias=False) if config.output == "add" else None
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Persistent tokens ~ N(0, 1); with ``output="gate"`` the gate's norm weight ``gate_init`` (at 0 the gate starts at 1)."""
+        """Persistent tokens ~ N(0, 1); with ``output="gate"`` the gate's norm weight ``gate_init`` (at 0 the gate
+        starts at 1); with ``output="add"`` the read's projection W_M at 0."""
         super().reset_memory_parameters()
-        if getattr(self, "attn_norm", 0) is None:  # 0 while the parent's __init__ runs
+        if not hasattr(self, "memory_out"):  # the parent's __init__ runs this before the layers exist
+            return
+        if self.config.output == "gate":
             nn.init.constant_(self.memory_norm.weight, self.config.gate_init)
+        elif self.memory_out is not None:
+            nn.init.zeros_(self.memory_out.weight)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> TitansMAGState:
         device = self._default_device(device)
@@ -878,7 +888,9 @@ class TitansMAG(_WithPersistent):
     def forward(self, x: Tensor, state: TitansMAGState) -> tuple[Tensor, TitansMAGState]:
         r, memory = self.memory(x, state.memory)
         y, window = self.attn(x, self.persistent_tokens(x.dtype), state.window)
-        if self.attn_norm is None:
+        if self.memory_out is not None:
+            out = self.out(y) + self.memory_out(self.memory_norm(r))
+        elif self.attn_norm is None:
             out = self.out(y * 2 * torch.sigmoid(self.memory_norm(r)))
         else:
             out = self.out(self.attn_norm(y) * torch.sigmoid(self.memory_norm(r)))

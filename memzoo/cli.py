@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -1095,6 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"memzoo {' '.join(argv[:2])}: error: {e}\n(add --debug for the traceback)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`memzoo list | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -222,3 +222,11 @@ def test_the_main_table_fits_the_longest_name(capsys):
     _print_table([{"design": "infini-deltanet", "cells": cells}, {"design": "h2o", "cells": cells}])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("infini-deltanet", "h2o"))]
     assert len(rows) == 4 and len({line.index("1.00") for line in rows}) == 1  # every number column starts alike
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`memzoo list | head -1`: a closed pipe is no error to report (no traceback), exit 141 as a Unix tool's."""
+    p = subprocess.Popen([sys.executable, "-m", "memzoo.cli", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()  # before the command has written anything: its first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err, err

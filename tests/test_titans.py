@@ -348,8 +348,8 @@ def ref_window(attn, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     p = torch.cat([attn.proj.q(x), attn.proj.kv(x)], dim=-1)
     if attn.conv is not None:  # y_t = sum_j taps[:, j] p_{t - K + 1 + j}, zeros before the stream; the last tap is 1 + offset
         K = attn.conv.shape[1]
-        taps = attn.conv + torch.nn.functional.one_hot(torch.tensor(K - 1), K).to(attn.conv.dtype)
-        p = sum(taps[:, j] * torch.nn.functional.pad(p, (0, 0, K - 1 - j, 0))[:, : x.shape[1]] for j in range(K))
+        taps = attn.conv + F.one_hot(torch.tensor(K - 1), K).to(attn.conv.dtype)
+        p = sum(taps[:, j] * F.pad(p, (0, 0, K - 1 - j, 0))[:, : x.shape[1]] for j in range(K))
     q, k, v = (heads(t) for t in p.chunk(3, dim=-1))
     kp, vp = (heads(t).expand(x.shape[0], -1, -1, -1) for t in attn.proj.kv(prefix).chunk(2, dim=-1))
     outs = []

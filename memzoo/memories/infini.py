@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..interface import MemoryConfig, MemoryModule, MemoryState
-from ..ops.conv import causal_conv, identity_plus
+from ..ops.conv import causal_conv, check_kernel, identity_plus
 from ..ops.infini import FEATURE_MAPS, UPDATE_RULES, MemoryRule, gate_mix, infini_attention, local_attention, memory_read, memory_write
 from ..registry import register
 from ..validation import bounds
@@ -104,8 +104,7 @@ class InfiniConfig(MemoryConfig):
     def __post_init__(self):
         super().__post_init__()
         _ = self.rule  # MemoryRule checks the combination and says what to change
-        if self.conv_kernel == 1:
-            raise ValueError("conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
+        check_kernel("conv_kernel", self.conv_kernel)
 
     @property
     def rule(self) -> MemoryRule:

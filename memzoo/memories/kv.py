@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..ops.attention import attend
-from ..ops.conv import causal_conv, identity_plus
+from ..ops.conv import causal_conv, check_kernel, identity_plus
 from ..ops.rope import apply_rope
 from ..registry import register
 from ..validation import bounds
@@ -286,8 +286,7 @@ class FullConfig(MemoryConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.conv_kernel == 1:
-            raise ValueError("conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
+        check_kernel("conv_kernel", self.conv_kernel)
 
     def make_policy(self) -> EvictionPolicy:
         return KeepAll()

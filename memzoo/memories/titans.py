@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ..interface import MemoryConfig, MemoryModule, MemoryState
 from ..model import RMSNorm
 from ..ops.attention import attend, causal_mask
-from ..ops.conv import causal_conv, identity_plus
+from ..ops.conv import causal_conv, check_kernel, identity_plus
 from ..ops.rope import apply_rope
 from ..ops.titans import at_least_fp32, memory_read, mlp_shapes, titans_chunked
 from ..registry import register
@@ -242,8 +242,7 @@ class TitansWindowConfig(TitansConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.attn_conv_kernel == 1:
-            raise ValueError("attn_conv_kernel must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")
+        check_kernel("attn_conv_kernel", self.attn_conv_kernel)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["causal_conv", "identity_plus"]
+__all__ = ["causal_conv", "check_kernel", "identity_plus"]
 
 
 def causal_conv(p: Tensor, context: Tensor, taps: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,3 +41,9 @@ def identity_plus(offset: Tensor) -> Tensor:
     from one without the conv begins exactly as that model.
     """
     return torch.cat([offset[:, :-1], offset[:, -1:] + 1.0], dim=1)
+
+
+def check_kernel(name: str, kernel: int) -> None:
+    """Refuse a config's conv ``kernel`` of 1 (0 is no conv): a 1-tap depthwise conv is a per-channel scale."""
+    if kernel == 1:
+        raise ValueError(f"{name} must be 0 (no conv) or at least 2 (a 1-tap depthwise conv is a per-channel scale)")

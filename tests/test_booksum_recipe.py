@@ -17,6 +17,7 @@ from memzoo.tasks.booksum_eval import (
     encode_summary_example,
     evaluate_booksum,
     evaluate_booksum_hf,
+    event_recall,
     make_booksum_training_batch,
     synthetic_books,
 )
@@ -54,6 +55,16 @@ def test_training_batch_targets_the_summary(tok):
     # deterministic from the generator: a resumed run sees the same books
     again = make_booksum_training_batch(2, 700, tok, torch.Generator().manual_seed(0), n_events=2, other_weight=0.25)
     assert torch.equal(again["input_ids"], ids)
+
+
+def test_event_recall_counts_whole_events_only(tok):
+    book = synthetic_books(2048, [3], tok, n_events=4, n_chapters=4)[0]
+    first, second, third, fourth = book.events
+    assert event_recall(book.summary, book.events) == 1.0
+    assert event_recall(f"{first} {third}", book.events) == 0.5
+    who = first.split(", ")[1].split()[0]  # "In chapter 1, Mara found ..." -> the right person, a wrong object
+    assert event_recall(first.replace(who, "Nobody"), book.events) == 0.0
+    assert event_recall(book.summary, ()) is None  # BookSum: no events to count
 
 
 def test_evaluation_books_are_held_out(tok):
@@ -113,12 +124,15 @@ def test_recipe_end_to_end_offline(tmp_path):
     assert main(["booksum", "derive", "--from", str(full), "--memory", "namm", "--set", "budget=256", "evict_every=128",
                  "--bf16", "--out", str(namm)]) == 0  # fmt: skip
     eval_args = ["--lengths", "2048", "--n-books", "1", "--n-events", "2", "--max-new-tokens", "16", "--out", str(res), "--quiet"]
-    assert main(["booksum", "eval", "--checkpoint", str(full), *eval_args]) == 0
+    assert main(["booksum", "eval", "--checkpoint", str(full), *eval_args, "--n-chapters", "2"]) == 0
     results = json.loads((res / "full.json").read_text())
     assert results["complete"] and results["n_books"] == 1 and set(results["rouge"]) == ROUGE_KEYS
     book = results["books"][0]
     assert 1900 < book["n_tokens"] <= 2048 and ROUGE_KEYS <= set(book) and book["generated_tokens"] <= 16
-    assert results["data"] == {"source": "synthetic", "lengths": [2048], "seeds": [0], "n_events": 2}
+    assert results["data"] == {"source": "synthetic", "lengths": [2048], "seeds": [0], "n_events": 2, "n_chapters": 2}
+    assert book["reference"].startswith("In chapter 1, ") and " In chapter 2, " in book["reference"]  # one event per chapter
+    # 16 new tokens are shorter than any event sentence, so none can be repeated whole
+    assert min(len(e) for e in book["reference"].split(". ")) > 16 and book["event_recall"] == results["event_recall"] == 0.0
     assert results["checkpoint"] == str(full) and "booksum eval" in results["command"]
 
     from memzoo.cards import write_card

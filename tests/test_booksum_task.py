@@ -103,13 +103,20 @@ def test_synthetic_book_is_deterministic_and_sized(tok):
 def test_synthetic_events_sit_in_their_chapters_in_order(tok, n_tokens, seed, n_events, n_chapters):
     book = make_synthetic_book(n_tokens, tok, seed=seed, n_events=n_events, n_chapters=n_chapters)
     events = re.findall(r"In chapter \d+, [^.]*\.", book.summary)
-    assert len(events) == n_events and " ".join(events) == book.summary
+    assert len(events) == n_events and " ".join(events) == book.summary and tuple(events) == book.events
     positions = [book.text.index(e) for e in events]
     assert positions == sorted(positions)
     for event, at in zip(events, positions):
         chapter = int(re.match(r"In chapter (\d+)", event).group(1))
         assert book.text.rindex("Chapter ", 0, at) == book.text.index(f"Chapter {chapter}\n")
     assert book.text.count("Chapter ") == n_chapters
+
+
+def test_one_event_per_chapter_counts_the_chapters_up(tok):
+    book = make_synthetic_book(4096, tok, seed=5, n_events=4, n_chapters=4)
+    assert [e.split(",")[0] for e in book.events] == [f"In chapter {c}" for c in range(1, 5)]
+    for event in book.events:  # each event sentence is a key the book holds exactly once
+        assert book.text.count(event.split(",")[0] + ",") == 1
 
 
 def test_synthetic_million_tokens_and_subword_lengths(tok):

@@ -13,7 +13,10 @@ several sources (strings or ``{"source", "text", ...}`` dicts): the first one is
 
 The synthetic task (:func:`make_synthetic_book`) runs offline: chapters of varied narrative
 filler with a few key events ("In chapter 3, Mara found the silver key at the lighthouse.")
-spread through the book; the reference summary lists those events in order.
+spread through the book; the reference summary lists those events in order. With one event
+per chapter (``n_chapters=n_events``) the summary's sentences count the chapters up from 1, so
+each "In chapter c," is a key the book holds once and a model can write the summary by finding
+it and copying what follows: the form a small model learns (see the booksum recipes).
 """
 
 from __future__ import annotations
@@ -61,11 +64,14 @@ class BookExample:
         text: the chapter or book.
         summary: the reference summary.
         id: an identifier, unique within a split.
+        events: the key event sentences a synthetic book holds, in order (empty for BookSum);
+            the event-recall score counts those the predicted summary repeats.
     """
 
     text: str
     summary: str
     id: str
+    events: tuple[str, ...] = ()
 
 
 class BooksumUnavailableError(RuntimeError):
@@ -340,7 +346,7 @@ def make_synthetic_book(
         n_chapters: number of chapters; default ``2 * n_events``.
 
     Returns:
-        A :class:`BookExample` with id ``f"synthetic-{seed}-{n_tokens}"``.
+        A :class:`BookExample` with id ``f"synthetic-{seed}-{n_tokens}"`` and its ``events``.
 
     Raises:
         ValueError: ``n_events < 1``, more events than chapters, or ``n_tokens`` too small to
@@ -387,5 +393,5 @@ def make_synthetic_book(
             f"n_tokens={n_tokens} is too small for {n_chapters} chapters and {n_events} events; "
             "use more tokens or fewer events/chapters"
         )
-    summary = " ".join(sentence for _, sentence in events)
-    return BookExample(text=text, summary=summary, id=f"synthetic-{seed}-{n_tokens}")
+    sentences = tuple(sentence for _, sentence in events)
+    return BookExample(text=text, summary=" ".join(sentences), id=f"synthetic-{seed}-{n_tokens}", events=sentences)

@@ -14,8 +14,8 @@ from .io import atomic_file  # noqa: E402
 from .units import format_length  # noqa: E402  (re-exported: figures and tables label lengths alike)
 
 __all__ = [
-    "passkey_heatmap", "passkey_comparison", "recall_comparison", "recall_state", "family_of", "format_length", "save_figure",
-    "PALETTE", "MARKERS", "FAMILIES",
+    "passkey_heatmap", "passkey_comparison", "recall_comparison", "recall_state", "booksum_events", "book_length", "family_of",
+    "format_length", "save_figure", "PALETTE", "MARKERS", "FAMILIES",
 ]  # fmt: skip
 
 
@@ -179,3 +179,45 @@ def recall_state(all_results: Sequence[dict], path: str | Path, labels: Sequence
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="hollow: memory off", title_fontsize=7)
     return save_figure(fig, path)
+
+
+def book_length(book_id: str) -> int | None:
+    """The length a synthetic book was asked for, from its id (``synthetic-<seed>-<n_tokens>``); None for other books."""
+    parts = str(book_id).split("-")
+    return int(parts[-1]) if len(parts) == 3 and parts[0] == "synthetic" and parts[-1].isdigit() else None
+
+
+def booksum_events(all_results: Sequence[dict], path: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Event recall (mean over books) against the synthetic book's length: one line per design (colour
+    and marker); ROUGE overall in a second panel, where a summary with every fact wrong still scores.
+
+    Args:
+        all_results: book summarization results (:func:`memzoo.tasks.booksum_eval.evaluate_booksum`) on
+            synthetic books; books without an event recall are left out.
+        path: the PNG to write.
+        labels: one per result (default: its ``model``).
+    """
+    labels = list(labels) if labels is not None else [r["model"] for r in all_results]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.4), sharex=True)
+    ticks: set[int] = set()
+    for i, (label, r) in enumerate(sorted(zip(labels, all_results), key=lambda pair: pair[0])):
+        by_length: dict[int, list[dict]] = {}
+        for book in r["books"]:
+            n = book_length(book["id"])
+            if n is not None and book.get("event_recall") is not None:
+                by_length.setdefault(n, []).append(book)
+        lengths = sorted(by_length)
+        ticks |= set(lengths)
+        style = dict(color=PALETTE[i % len(PALETTE)], marker=MARKERS[(i // len(PALETTE) + i) % len(MARKERS)], label=label)
+        for ax, key in zip(axes, ("event_recall", "overall")):
+            ax.plot(lengths, [sum(b[key] for b in by_length[n]) / len(by_length[n]) for n in lengths], **style)
+    for ax, name, top in zip(axes, ("event recall (share of events repeated whole)", "ROUGE overall (x100)"), (1.03, 103)):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [format_length(n) for n in sorted(ticks)], fontsize=7)
+        ax.set_xlabel("book length (tokens)")
+        ax.set_ylabel(name)
+        ax.set_ylim(-0.03 * top, top)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(6, len(names)), frameon=False)
+    return save_figure(fig, path, rect=(0, 0.1, 1, 1))

@@ -51,3 +51,25 @@ def test_a_checkpoint_below_the_tasks_budget_is_flagged(tmp_path, monkeypatch):
     (short / "training.json").write_text(json.dumps(record | {"steps": 4}))
     assert gen.training_budget("short") == "4 steps × 2.0K tokens = 0.0M tokens **below the task's budget**, 1 min"
     assert gen.training_budget("checkpoints/passkey-full") == "10 steps × 2.0K tokens = 0.0M tokens, 1 min"
+
+
+def test_the_booksum_table_groups_books_by_length_and_draws_them(tmp_path, monkeypatch):
+    gen = load_gen_pages()
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    monkeypatch.setattr(gen, "FIG", tmp_path / "figures")
+    assert "Not measured yet" in gen.booksum_events_section()
+    books = [{"id": f"synthetic-{seed}-{n}", "event_recall": recall, "overall": 50.0, "state_bytes": 100}
+             for seed, n, recall in ((0, 4096, 1.0), (1, 4096, 0.5), (0, 16384, 0.25))]  # fmt: skip
+    (tmp_path / "booksum-events").mkdir()
+    (tmp_path / "booksum-events" / "window.json").write_text(json.dumps({"model": "window", "design": "window", "books": books}))
+    section = gen.booksum_events_section()
+    # 4K: the mean of two books; 16K: one; 64K and 256K: none
+    assert "| `window` (memory off) | eviction | — | **0.75** (50) | **0.25** (50) | — | — |" in section
+    assert (tmp_path / "figures" / "booksum_events.png").stat().st_size > 0
+
+
+def test_book_length_reads_synthetic_ids_only():
+    from memzoo.plots import book_length
+
+    assert book_length("synthetic-3-65536") == 65536
+    assert book_length("test-0") is None and book_length("synthetic-x-y") is None

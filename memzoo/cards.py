@@ -36,6 +36,11 @@ _TASKS = {
         "followed by `Summary:` and the list of events",
         "Summarization (ROUGE F1 x 100)",
     ),
+    "booksum": (
+        "booksum", "book summarization (BookSum)",
+        "BookSum texts (`memzoo.tasks.load_booksum`, the recipe's level and source) followed by `Summary:` and the reference summary",
+        "Summarization (ROUGE F1 x 100)",
+    ),
     "recall": (
         "recall", "long-gap multi-query associative recall (MQAR)",
         "synthetic recall rows (key-value pairs, a filler gap, every key queried; `memzoo.tasks.recall`)",

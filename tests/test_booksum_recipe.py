@@ -11,6 +11,7 @@ import torch
 import memzoo
 from memzoo.cli import main
 from memzoo.metrics import ROUGE_TYPES
+from memzoo.tasks.booksum import load_booksum
 from memzoo.tasks.booksum_eval import (
     SUMMARY_PROMPT,
     TRAIN_SEED_RANGE,
@@ -18,10 +19,11 @@ from memzoo.tasks.booksum_eval import (
     evaluate_booksum,
     evaluate_booksum_hf,
     event_recall,
+    make_booksum_batch,
     make_booksum_training_batch,
     synthetic_books,
 )
-from memzoo.training.recipe import load_recipe, make_batch_fn
+from memzoo.training.recipe import curriculum_stage, load_recipe, make_batch_fn
 
 REPO = Path(__file__).resolve().parents[1]
 BOOKSUM_CONFIGS = sorted((REPO / "recipes" / "configs" / "booksum").glob("*.yaml"))
@@ -77,10 +79,14 @@ def test_evaluation_books_are_held_out(tok):
 def test_every_booksum_config_makes_batches(path):
     recipe = load_recipe(path)
     steps = recipe["train"]["steps"]
+    real = recipe["task"]["name"] == "booksum"
+    if real:  # BookSum itself: the local fixture in its schema (short chapters) stands for the Hub
+        recipe["task"] |= {"path": str(FIXTURES / recipe["task"]["level"]), "split": "test"}
     batch_fn = make_batch_fn(recipe["task"], steps)
     for step in (0, steps - 1):  # first and last curriculum stage
         batch = batch_fn(step, torch.Generator().manual_seed(step))
-        assert batch["input_ids"].shape[1] > recipe["task"]["curriculum"][0]["n_tokens"] // 2
+        n = curriculum_stage(recipe["task"]["curriculum"], step, steps)["n_tokens"]
+        assert batch["input_ids"].shape[1] <= n if real else batch["input_ids"].shape[1] > n // 2
         assert batch["loss_weights"].max() == recipe["task"]["summary_weight"]
 
 
@@ -149,6 +155,45 @@ def test_recipe_end_to_end_offline(tmp_path):
     assert set(compared) == {"full", "namm"} and all(r["complete"] for r in compared.values())
     # a 2K book under a 256-token NAMM budget: the state stays bounded
     assert compared["namm"]["books"][0]["state_bytes"] < compared["full"]["books"][0]["state_bytes"]
+
+
+def test_booksum_rows_keep_the_summary_and_the_texts_beginning(tok):
+    examples = load_booksum("test", path=FIXTURES / "chapter")
+    batch = make_booksum_batch(examples, 8, 64, tok, 0, other_weight=0.25)
+    ids, weights = batch["input_ids"], batch["loss_weights"]
+    assert ids.shape[0] == 8 and ids.shape[1] <= 64 and set(weights[weights > 0].unique().tolist()) == {0.25, 1.0}
+    texts = {tok.decode(row[row != tok.pad_token_id]) for row in ids}
+    for text in texts:
+        chapter, summary = text.split(SUMMARY_PROMPT)
+        example = next(e for e in examples if e.text.startswith(chapter))  # the text's beginning, cut to fit
+        assert summary.removesuffix("</s>") == " " + example.summary[: len(summary) - 1].removesuffix("</s>")
+    assert torch.equal(make_booksum_batch(examples, 8, 64, tok, 0, other_weight=0.25)["input_ids"], ids)  # seeded
+    with pytest.raises(ValueError, match="no examples"):
+        make_booksum_batch([], 1, 64, tok, 0)
+    with pytest.raises(ValueError, match="no room"):
+        make_booksum_batch(examples, 1, 20, tok, 0)
+
+
+def test_the_booksum_task_reads_its_data_once_and_says_what_to_do_offline(tmp_path):
+    steps = 4
+    task = {"name": "booksum", "level": "chapter", "path": str(FIXTURES / "chapter"), "split": "test",
+            "curriculum": [{"until": 1.0, "n_tokens": 128, "batch_size": 2}]}  # fmt: skip
+    batch = make_batch_fn(task, steps)(0, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape[0] == 2 and batch["loss_weights"].max() == 1.0
+    config = tmp_path / "chapters.yaml"  # the recipe's way in, on the fixture: train 2 steps, ship, card
+    config.write_text(
+        "name: tiny-chapters\nmodel: {memory: full, d_model: 32, n_layers: 1, n_heads: 2}\n"
+        f"task: {json.dumps(task)}\ntrain: {{steps: 2, segment_len: 128, warmup_steps: 1, save_every: 0, log_every: 1}}\n"
+    )
+    assert main(["booksum", "train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert main(["booksum", "ship", "--run", str(tmp_path / "run"), "--config", str(config), "--out", str(tmp_path / "ck")]) == 0
+    from memzoo.cards import write_card
+
+    assert "BookSum texts" in write_card(tmp_path / "ck").read_text()
+    from memzoo.tasks.booksum import BooksumUnavailableError
+
+    with pytest.raises(BooksumUnavailableError, match="path="):  # the Hub, offline: the fix is in the message
+        make_batch_fn({"name": "booksum", "level": "chapter", "cache_dir": str(tmp_path)} | {"split": "train"}, steps)
 
 
 def test_eval_on_local_booksum_files(tmp_path):

@@ -41,6 +41,7 @@ __all__ = [
     "evaluate_booksum",
     "event_recall",
     "evaluate_booksum_hf",
+    "make_booksum_batch",
     "make_booksum_training_batch",
     "synthetic_books",
 ]
@@ -141,7 +142,54 @@ def make_booksum_training_batch(
         seed = int(torch.randint(*TRAIN_SEED_RANGE, (1,), generator=generator))
         book = make_synthetic_book(n_tokens, tokenizer, seed, n_events=n_events, n_chapters=n_chapters)
         rows.append(encode_summary_example(book, tokenizer, prompt))
-    n = max(len(c) + len(t) for c, t in rows)
+    return _summary_batch(rows, tokenizer, summary_weight, other_weight)
+
+
+def make_booksum_batch(
+    examples: Sequence[BookExample],
+    batch_size: int,
+    n_tokens: int,
+    tokenizer: Any,
+    generator: torch.Generator | int,
+    *,
+    prompt: str = SUMMARY_PROMPT,
+    summary_weight: float = 1.0,
+    other_weight: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """A batch of real texts + prompt + summary (e.g. BookSum chapters from :func:`~memzoo.tasks.booksum.load_booksum`).
+
+    Rows are examples drawn at random (with replacement, from ``generator``). A row longer than
+    ``n_tokens`` keeps its summary whole (up to half the row; a longer summary loses its end and its
+    EOS) and the text's beginning, so every row fits in ``n_tokens``. Labels and weights as in
+    :func:`make_booksum_training_batch`.
+
+    Args:
+        examples: texts and reference summaries.
+        batch_size: b.
+        n_tokens: the longest row (text, prompt, summary and EOS).
+        tokenizer / generator / prompt / summary_weight / other_weight: as in :func:`make_booksum_training_batch`.
+
+    Raises:
+        ValueError: no examples, or ``n_tokens`` too short for the prompt and some summary.
+    """
+    if not examples:
+        raise ValueError("no examples to train on")
+    prompt_len = len(_encode(prompt, tokenizer, _byte_offset(tokenizer)))
+    if n_tokens < 2 * prompt_len + 2:
+        raise ValueError(f"n_tokens={n_tokens} leaves no room for the text and the summary after a {prompt_len}-token prompt")
+    generator = _as_generator(generator)
+    rows = []
+    for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist():
+        context, target = encode_summary_example(examples[i], tokenizer, prompt)
+        target = target[: n_tokens // 2]
+        keep = min(len(context) - prompt_len, n_tokens - prompt_len - len(target))  # text tokens that fit
+        rows.append((torch.cat([context[:keep], context[-prompt_len:]]), target))
+    return _summary_batch(rows, tokenizer, summary_weight, other_weight)
+
+
+def _summary_batch(rows: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any, summary_weight: float, other_weight: float) -> dict:
+    """Right-padded ``input_ids``, ``labels`` and ``loss_weights`` of (context, target) rows."""
+    batch_size, n = len(rows), max(len(c) + len(t) for c, t in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((batch_size, n), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, n), -100, dtype=torch.long)

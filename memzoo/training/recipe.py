@@ -15,6 +15,11 @@ for recall ``probe_gaps: [256, 1K]`` (at ``eval.ks``). Each probe appends ``{"st
 :func:`~memzoo.tasks.passkey_eval.probe_passkey` or :func:`~memzoo.tasks.recall.evaluate_recall`),
 so a run's log shows when the memory starts to carry the facts, not only the training loss.
 
+Tasks (``task.name``): ``passkey``, ``recall``, ``booksum-synthetic`` (synthetic books with known
+key events) and ``booksum`` (BookSum itself through :func:`~memzoo.tasks.booksum.load_booksum`:
+``level``, ``path`` for local files, ``hub_id``, ``split`` (default ``train``), ``limit``, ``cache_dir``; rows
+longer than the stage's ``n_tokens`` keep the summary and the text's beginning).
+
 Tasks make batches through a ``batch_fn(step, generator)``; a curriculum is a list of stages
 ``{until: fraction_of_steps, n_tokens: ..., batch_size: ...}``. A stage may instead hold
 ``mix: [{n_tokens: ..., batch_size: ...}, ...]``: its steps take those shapes in turn (step k the
@@ -133,6 +138,24 @@ def _booksum_batch_fn(task: dict, steps: int) -> BatchFn:
     return batch_fn
 
 
+def _booksum_data_batch_fn(task: dict, steps: int) -> BatchFn:
+    """BookSum itself (``kmfoda/booksum`` chapters by default, or local files in its schema): loaded once, up front."""
+    from ..tasks.booksum import load_booksum
+    from ..tasks.booksum_eval import make_booksum_batch
+
+    tok = default_tokenizer()
+    names = ("split", "level", "path", "hub_id", "text_column", "summary_column", "limit", "cache_dir")
+    examples = load_booksum(**{"split": "train"} | {k: task[k] for k in names if k in task})
+    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 8192), "batch_size": task.get("batch_size", 1)}]
+    options = {k: task[k] for k in ("prompt", "summary_weight", "other_weight") if k in task}
+
+    def batch_fn(step: int, generator) -> dict:
+        stage = curriculum_stage(curriculum, step, steps)
+        return make_booksum_batch(examples, stage["batch_size"], stage["n_tokens"], tok, generator, **options)
+
+    return batch_fn
+
+
 def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
     from ..tasks.recall import make_recall_training_batch
 
@@ -150,7 +173,9 @@ def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
 
 
 #: task name -> (task section, total steps) -> batch_fn
-TASKS = {"passkey": _passkey_batch_fn, "booksum-synthetic": _booksum_batch_fn, "recall": _recall_batch_fn}
+TASKS = {
+    "passkey": _passkey_batch_fn, "booksum-synthetic": _booksum_batch_fn, "booksum": _booksum_data_batch_fn, "recall": _recall_batch_fn,
+}  # fmt: skip
 
 
 def make_batch_fn(task: dict, steps: int) -> BatchFn:

@@ -74,6 +74,8 @@ def _length(text: str) -> str:
 def _checkpoint(text: str) -> str:
     folder = Path(text)
     if not (folder / "config.json").is_file():
+        if (folder / "model" / "config.json").is_file():  # a training run's save: its weights are in model/
+            raise argparse.ArgumentTypeError(f"{text!r} is a training run's save, not a checkpoint: pass {str(folder / 'model')!r}")
         shipped = sorted(str(p) for p in Path("checkpoints").glob("*") if (p / "config.json").is_file())
         hint = f"; shipped ones: {', '.join(shipped)}" if shipped else " (run from the repository root to use the shipped ones)"
         what = "no such folder" if not folder.exists() else "no config.json in it"

@@ -87,6 +87,14 @@ def test_design_names_suggest_whatever_their_case():
         memzoo.build("Titans-MAC")
 
 
+def test_a_runs_save_is_refused_with_the_folder_to_pass(tmp_path, capsys):
+    (tmp_path / "last" / "model").mkdir(parents=True)
+    (tmp_path / "last" / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["booksum", "eval", "--checkpoint", str(tmp_path / "last")])
+    assert f"pass '{tmp_path / 'last' / 'model'}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -25,7 +25,7 @@ from memzoo.memories.namm import (
     set_namm_parameters,
 )
 from memzoo.ops.rope import apply_rope
-from memzoo.ops.stft import HOP, N_FFT, age_embedding, naive_spectral_ema, spectral_step
+from memzoo.ops.stft import HOP, N_FFT, age_embedding, naive_spectral_ema, spectral_step, spectrogram
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2)
 
@@ -51,6 +51,14 @@ def test_spectral_step_matches_naive(every):
         base += dropped
         ref = torch.stack([naive_spectral_ema(c, P) for c in cols])
         assert_close(ema.double(), ref, dtype=torch.float32, n=N_FFT, depth=n // HOP)  # fp32 DFTs, one EMA term per frame
+
+
+def test_spectrogram_is_torch_stfts_magnitude():
+    """The frames-times-filters form gives torch.stft's numbers (fp64: only rounding differs)."""
+    signal = torch.rand(3, 4, HOP * 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64)
+    ref = torch.stft(signal.reshape(-1, HOP * 9), N_FFT, HOP, window=window, center=False, onesided=True, return_complex=True).abs()
+    assert_close(spectrogram(signal), ref.reshape(3, 4, *ref.shape[1:]), dtype=torch.float64, n=N_FFT)
 
 
 def full_attention_columns(module: CachedAttention, x: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ def test_training_batch_targets_the_summary(tok):
         context = tok.decode(ids[row, : m - len(target)])
         assert context.endswith(SUMMARY_PROMPT) and "Chapter 1\n" in context
         assert set(weights[row, 1:m].unique().tolist()) == {0.25, 1.0} and not weights[row, m:].any() and not weights[row, 0]
+        assert torch.equal(batch["metric_masks"]["summary"][row], weights[row] == 1.0)  # the log's ce_summary
     # deterministic from the generator: a resumed run sees the same books
     again = make_booksum_training_batch(2, 700, tok, torch.Generator().manual_seed(0), n_events=2, other_weight=0.25)
     assert torch.equal(again["input_ids"], ids)
@@ -125,7 +126,8 @@ def test_recipe_end_to_end_offline(tmp_path):
     )
     run, full, namm, res = tmp_path / "run", tmp_path / "booksum-full", tmp_path / "booksum-namm", tmp_path / "res"
     assert main(["booksum", "train", "--config", str(config), "--out", str(run)]) == 0
-    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["ce_summary"] > 0 for r in log)  # the summary's own cross-entropy, logged
     assert main(["booksum", "ship", "--run", str(run), "--config", str(config), "--out", str(full)]) == 0
     assert main(["booksum", "derive", "--from", str(full), "--memory", "namm", "--set", "budget=256", "evict_every=128",
                  "--bf16", "--out", str(namm)]) == 0  # fmt: skip

@@ -134,7 +134,8 @@ def make_booksum_training_batch(
     Returns:
         ``input_ids: [b, n]``, ``labels: [b, n]`` in transformers' convention (``labels[:, t]`` is
         the token at t, the model and the trainer shift them; -100 at each row's first position and
-        on padding), ``loss_weights: [b, n]`` float32 indexed like ``labels``.
+        on padding), ``loss_weights: [b, n]`` float32 indexed like ``labels``, and
+        ``metric_masks: {"summary": [b, n]}``, the summary's tokens and EOS (the log's ``ce_summary``).
     """
     generator = _as_generator(generator)
     rows = []
@@ -194,6 +195,7 @@ def _summary_batch(rows: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any
     input_ids = torch.full((batch_size, n), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, n), -100, dtype=torch.long)
     weights = torch.zeros(batch_size, n)
+    summary = torch.zeros(batch_size, n, dtype=torch.bool)
     for row, (context, target) in enumerate(rows):
         seq = torch.cat([context, target])
         m, p = len(seq), len(context)
@@ -201,7 +203,8 @@ def _summary_batch(rows: list[tuple[torch.Tensor, torch.Tensor]], tokenizer: Any
         labels[row, 1:m] = seq[1:]  # transformers' convention: the model shifts them
         weights[row, 1:m] = other_weight
         weights[row, p:m] = summary_weight
-    return {"input_ids": input_ids, "labels": labels, "loss_weights": weights}
+        summary[row, p:m] = True
+    return {"input_ids": input_ids, "labels": labels, "loss_weights": weights, "metric_masks": {"summary": summary}}
 
 
 # ----------------------------------------------------------------------------- evaluation

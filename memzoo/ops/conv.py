@@ -7,8 +7,6 @@ into calls anywhere gives the same outputs as one call.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 __all__ = ["causal_conv", "check_kernel", "identity_plus"]
@@ -29,8 +27,14 @@ def causal_conv(p: Tensor, context: Tensor, taps: Tensor) -> tuple[Tensor, Tenso
         ``y`` [b, n, C] in ``p``'s dtype, and the next context [b, kernel - 1, C].
     """
     full = torch.cat([context.to(p.dtype), p], dim=1)  # [b, kernel - 1 + n, C]
-    y = F.conv1d(rearrange(full, "b n c -> b c n"), taps.to(p.dtype)[:, None, :], groups=taps.shape[0])
-    return rearrange(y, "b c n -> b n c"), full[:, full.shape[1] - context.shape[1] :]
+    taps = taps.to(p.dtype)
+    n, kernel = p.shape[1], taps.shape[1]
+    # A sum of shifted copies in the [b, n, C] layout: a depthwise conv1d needs [b, C, n] (a transpose in, and out a
+    # view whose last dim is not contiguous, which sends attention downstream to its slow path), and is slower itself.
+    y = full[:, :n] * taps[:, 0]
+    for j in range(1, kernel):
+        y = torch.addcmul(y, full[:, j : j + n], taps[:, j])
+    return y, full[:, full.shape[1] - context.shape[1] :]
 
 
 def identity_plus(offset: Tensor) -> Tensor:

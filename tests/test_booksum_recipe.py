@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from memzoo.tasks.booksum_eval import (
     evaluate_booksum,
     evaluate_booksum_hf,
     event_recall,
+    fact_positions,
     make_booksum_batch,
     make_booksum_training_batch,
     synthetic_books,
@@ -68,6 +70,18 @@ def test_event_recall_counts_whole_events_only(tok):
     who = first.split(", ")[1].split()[0]  # "In chapter 1, Mara found ..." -> the right person, a wrong object
     assert event_recall(first.replace(who, "Nobody"), book.events) == 0.0
     assert event_recall(book.summary, ()) is None  # BookSum: no events to count
+
+
+def test_fact_positions_leave_the_template(tok):
+    book = synthetic_books(3000, [7], tok, n_events=3, n_chapters=3)[0]
+    spans = fact_positions(book)
+    assert len(spans) == 5 * 3
+    template = list(book.summary)
+    for begin, end in spans:
+        assert book.summary[begin:end].isalpha() or " " in book.summary[begin:end]  # a word ("old mill": two)
+        template[begin:end] = ["_"] * (end - begin)
+    expected = " ".join(f"In chapter {c}, _ _ the _ _ at the _." for c in (1, 2, 3))
+    assert re.sub("_+", "_", "".join(template)) == expected
 
 
 def test_evaluation_books_are_held_out(tok):
@@ -123,11 +137,15 @@ def test_recipe_end_to_end_offline(tmp_path):
         "task: {name: booksum-synthetic, n_events: 2, summary_weight: 1.0, other_weight: 0.1,"
         " curriculum: [{until: 1.0, n_tokens: 600, batch_size: 2}]}\n"
         "train: {steps: 2, segment_len: 256, warmup_steps: 1, save_every: 0, log_every: 1}\n"
+        "eval: {probe_every: 2, probe_lengths: [600], probe_books: 1, n_events: 2, n_chapters: 2}\n"
     )
     run, full, namm, res = tmp_path / "run", tmp_path / "booksum-full", tmp_path / "booksum-namm", tmp_path / "res"
     assert main(["booksum", "train", "--config", str(config), "--out", str(run)]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["ce_summary"] > 0 for r in log)  # the summary's own cross-entropy, logged
+    (probe,) = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]  # at the last step
+    (cell,) = probe["cells"]
+    assert probe["step"] == 2 and cell["length"] == 600 and cell["fact_ce"] > 0 and cell["template_ce"] > 0 and cell["event_recall"] == 0
     assert main(["booksum", "ship", "--run", str(run), "--config", str(config), "--out", str(full)]) == 0
     assert main(["booksum", "derive", "--from", str(full), "--memory", "namm", "--set", "budget=256", "evict_every=128",
                  "--bf16", "--out", str(namm)]) == 0  # fmt: skip

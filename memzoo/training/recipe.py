@@ -7,12 +7,13 @@ A recipe has three sections::
     train:   {steps: 1500, lr: 0.004, segment_len: 256, ...}        # TrainConfig fields
     eval:    {lengths: [...], depths: [...], n_keys: 5}             # read by the task's evaluator
 
-A passkey or recall recipe's ``eval`` may also ask for a probe during training:
+A passkey, recall or synthetic-book recipe's ``eval`` may also ask for a probe during training:
 ``probe_every: 200`` (steps; at each save that falls on a multiple, and at the end), and for
 passkey ``probe_lengths: [1K, 4K, 16K]`` and ``probe_rows: 4`` (prompts per cell, at ``eval.depths``),
-for recall ``probe_gaps: [256, 1K]`` (at ``eval.ks``). Each probe appends ``{"step", "train_s",
-"cells"}`` to ``probes.jsonl`` in the run folder (the cells of
-:func:`~memzoo.tasks.passkey_eval.probe_passkey` or :func:`~memzoo.tasks.recall.evaluate_recall`),
+for recall ``probe_gaps: [256, 1K]`` (at ``eval.ks``), for books ``probe_lengths`` and ``probe_books``.
+Each probe appends ``{"step", "train_s", "cells"}`` to ``probes.jsonl`` in the run folder (the cells of
+:func:`~memzoo.tasks.passkey_eval.probe_passkey`, :func:`~memzoo.tasks.recall.evaluate_recall` or
+:func:`~memzoo.tasks.booksum_eval.probe_booksum`),
 so a run's log shows when the memory starts to carry the facts, not only the training loss.
 
 Tasks (``task.name``): ``passkey``, ``recall``, ``booksum-synthetic`` (synthetic books with known
@@ -222,8 +223,26 @@ def _recall_probe(ev: dict):
     return run, summary
 
 
+def _booksum_probe(ev: dict):
+    from ..tasks.booksum_eval import probe_booksum
+    from ..units import format_length, parse_length
+
+    lengths = [parse_length(x) for x in ev.get("probe_lengths", [1024, 4096])]
+    books = {k: ev[k] for k in ("n_events", "n_chapters") if k in ev} | {"n_books": ev.get("probe_books", 2)}
+
+    def run(model) -> list[dict]:
+        return probe_booksum(model, lengths=lengths, **books)["cells"]
+
+    def summary(cells: list[dict]) -> str:
+        return "summary facts / template cross-entropy, event recall: " + ", ".join(
+            f"{format_length(c['length'])} {c['fact_ce']:.2f} / {c['template_ce']:.2f}, {c['event_recall']:.2f}" for c in cells
+        )
+
+    return run, summary
+
+
 #: task name -> eval section -> (run(model) -> cells, summary(cells) -> one line)
-PROBES = {"passkey": _passkey_probe, "recall": _recall_probe}
+PROBES = {"passkey": _passkey_probe, "recall": _recall_probe, "booksum-synthetic": _booksum_probe}
 
 
 def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
@@ -232,6 +251,9 @@ def probe_hook(recipe: dict, out_dir: str | Path, *, progress: bool = True):
     Passkey: the teacher-forced answer cross-entropy (:func:`~memzoo.tasks.passkey_eval.probe_passkey`)
     at ``eval.probe_lengths`` x ``eval.depths``, ``probe_rows`` prompts per cell. Recall: the query
     accuracy (:func:`~memzoo.tasks.recall.evaluate_recall`) at ``eval.probe_gaps`` x ``eval.ks``.
+    Synthetic books: the summary's fact and template cross-entropy and the event recall
+    (:func:`~memzoo.tasks.booksum_eval.probe_booksum`) at ``eval.probe_lengths`` (default 1K, 4K),
+    ``probe_books`` books each (default 2) with ``eval.n_events`` / ``eval.n_chapters``.
     The probe runs without gradients on prompts of its own seed and puts the model back in
     training mode, so it changes nothing the next step computes (a resumed run stays exact).
     """

@@ -46,6 +46,7 @@ VARIANTS = {
     "deltanet": dict(update_rule="deltanet", feature_map="silu-l2", normalize=False),
     "infini-deltanet": dict(update_rule="deltanet", feature_map="silu-l2", normalize=False, write_strength=True, conv_kernel=4, mix="add"),
 }
+VARIANTS["decay"] = VARIANTS["infini-deltanet"] | dict(decay=True)  # Gated DeltaNet's decay on top
 
 
 def make_module(segment_len: int = 8, d_model: int = 32, n_heads: int = 2, dtype=torch.float32, **knobs) -> InfiniAttention:
@@ -54,8 +55,8 @@ def make_module(segment_len: int = 8, d_model: int = 32, n_heads: int = 2, dtype
     with torch.no_grad():
         if module.beta is not None:
             module.beta.copy_(torch.randn(n_heads))  # a gate away from 0.5, so that a swapped mix would show
-        for extra in (module.mem_out, module.strength):
-            if extra is not None:  # away from their init (0, 0.5): a wrong path would show
+        for extra in (module.mem_out, module.strength, module.decay):
+            if extra is not None:  # away from their init (0, 0.5, ~1): a wrong path would show
                 for p in extra.parameters():
                     p.normal_(std=0.3)
         if module.conv is not None:
@@ -137,6 +138,41 @@ def test_deltanet_sub_chunks_equal_the_token_by_token_recurrence(monkeypatch):
         assert_close(M, M_ref, n=64, scale="max")
 
 
+@pytest.mark.parametrize("chunk", [3, 8, 64])
+def test_gated_deltanet_matches_the_token_by_token_recurrence(monkeypatch, chunk):
+    """With per-token decays (strong ones, alpha in [0.6, 1], so a wrong weighting would show), the
+    sub-chunked triangular solves equal the naive recurrence M <- alpha M, then DeltaNet's write, from
+    an empty and a non-empty memory (fp32; n = 64 written tokens)."""
+    import memzoo.ops.infini as ops
+
+    monkeypatch.setattr(ops, "DELTANET_CHUNK", chunk)
+    rule = MEMORY_RULES["deltanet"]
+    q, k, v = qkv(n=8 * 8 + 3)
+    g = torch.Generator().manual_seed(4)
+    b, decay = torch.rand(2, 2, 67, generator=g), torch.rand(2, 2, 67, generator=g).mul(0.6).add(0.4).log()
+    for M0 in (torch.zeros(2, 2, 8, 8), torch.randn(2, 2, 8, 8, generator=g)):
+        z0 = torch.zeros(2, 2, 8)
+        ref, M_ref, _ = infini_attention_naive(q, k, v, M0, z0, None, segment_len=8, rule=rule, strength=b, decay=decay)
+        out, M, _ = infini_attention(q, k, v, M0, z0, None, segment_len=8, rule=rule, strength=b, decay=decay)
+        assert_close(out, ref, n=64)
+        assert_close(M, M_ref, n=64, scale="max")
+        plain = infini_attention(q, k, v, M0, z0, None, segment_len=8, rule=rule, strength=b)[1]
+        assert (M - plain).abs().max() > 0.1  # the decay did something
+
+
+def test_a_decay_needs_the_deltanet_rule():
+    with pytest.raises(ValueError, match="deltanet"):
+        infini_attention(*qkv(n=16), torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8), None, segment_len=8,
+                         rule=MemoryRule(), decay=torch.zeros(2, 2, 16))  # fmt: skip
+
+
+def test_a_fresh_decay_forgets_at_decay_init():
+    module = make_module(**VARIANTS["infini-deltanet"], decay=True, decay_init=1e-3)
+    module.reset_memory_parameters()
+    decay = module._project(torch.randn(1, 5, 32), module.init_state(1))[5]
+    assert_close(-decay.expm1(), torch.full_like(decay, 1e-3), dtype=torch.float32, n=4, scale=1e-3)  # 1 - alpha
+
+
 # ------------------------------------------------------------------------- module vs naive
 @pytest.mark.parametrize("knobs", [dict(update_rule=r) for r in RULES] + list(VARIANTS.values()), ids=RULES + list(VARIANTS))
 def test_module_matches_naive_over_8_segments(knobs):
@@ -147,8 +183,9 @@ def test_module_matches_naive_over_8_segments(knobs):
     x = torch.randn(2, 8 * 8, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         state = module.init_state(2)
-        q, k, v, b, _ = module._project(x, state)
-        a, M_ref, z_ref = infini_attention_naive(q, k, v, state.M, state.z, module.beta, segment_len=8, rule=module.rule, strength=b)
+        q, k, v, b, _, g = module._project(x, state)
+        a, M_ref, z_ref = infini_attention_naive(q, k, v, state.M, state.z, module.beta, segment_len=8, rule=module.rule,
+                                                 strength=b, decay=g)  # fmt: skip
         expected = project_out(module, a)
         for cuts in ([], [3, 5, 11, 16, 17, 30, 41, 50, 63], list(range(1, 24))):
             y, state = run(module, x, cuts)
@@ -293,10 +330,10 @@ def test_add_mix_starts_as_local_attention_exactly():
 @pytest.mark.parametrize("knobs", [dict(update_rule=r) for r in RULES] + list(VARIANTS.values()), ids=RULES + list(VARIANTS))
 def test_gradcheck_float64_through_3_segments(knobs):
     """Gradients w.r.t. the input and the memory's own parameters (gate, memory output, write
-    strength, conv), through the memory and the partial-segment buffer."""
+    strength, conv, decay), through the memory and the partial-segment buffer."""
     module = make_module(segment_len=3, d_model=8, n_heads=2, dtype=torch.float64, **knobs)
     x = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in module.named_parameters() if n.split(".")[0] in ("beta", "mem_out", "strength", "conv")]
+    names = [n for n, _ in module.named_parameters() if n.split(".")[0] in ("beta", "mem_out", "strength", "conv", "decay")]
     params = [module.get_parameter(n).detach().clone().requires_grad_() for n in names]
 
     def outputs(x, *params):  # fed as 4 + 5 tokens, so the partial-segment buffer is on the path too
@@ -326,7 +363,7 @@ def test_nbytes_formula(dtype):
 
 
 def test_nbytes_formula_with_the_additions():
-    """write_strength adds b*h*s (the buffered strengths), conv_kernel b*(kernel - 1)*3d (its context)."""
+    """write_strength adds b*h*s (the buffered strengths), conv_kernel b*(kernel - 1)*3d (its context), decay b*h*s."""
     b, h, k, s = 3, 2, 16, 8
     module = make_module(segment_len=s, d_model=h * k, n_heads=h, **VARIANTS["infini-deltanet"])
     state = module.init_state(b)
@@ -336,6 +373,8 @@ def test_nbytes_formula_with_the_additions():
         for n in (5, 8, 13, 1):
             state = module(torch.randn(b, n, h * k), state)[1]
             assert state.nbytes() == expected
+    decaying = make_module(segment_len=s, d_model=h * k, n_heads=h, **VARIANTS["decay"]).init_state(b)
+    assert decaying.nbytes() == expected + b * h * s * 4  # the buffered log decays, fp32
 
 
 def test_bf16_autocast_keeps_memory_maths_in_fp32():
@@ -402,6 +441,8 @@ def test_config_knobs_reach_the_module():
         (dict(update_rule="deltanet", normalize=False), "feature_map to 'silu-l2'"),
         (dict(conv_kernel=1), "conv_kernel"),
         (dict(mix="sum"), "mix"),
+        (dict(decay=True), "set update_rule to 'deltanet'"),
+        (dict(decay_init=0.0), "decay_init"),
     ],
 )
 def test_bad_config_values(bad, says):

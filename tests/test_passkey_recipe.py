@@ -341,8 +341,10 @@ def test_probe_during_training_logs_and_changes_nothing(tmp_path):
     probed, reference = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("probed", "plain"))
     for name, tensor in reference.items():  # bit for bit: the probe ran no op on the training path
         torch.testing.assert_close(probed[name], tensor, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="has no probe"):
-        train_recipe({**recipe, "task": {"name": "booksum-synthetic"}}, tmp_path / "bad", progress=False)
+    from memzoo.training.recipe import probe_hook
+
+    with pytest.raises(ValueError, match="task 'booksum' has no probe"):  # real BookSum data: no held-out probe
+        probe_hook({**recipe, "task": {"name": "booksum"}}, tmp_path / "bad", progress=False)
 
 
 def test_curriculum_tokens_counts_every_step_of_each_stage():

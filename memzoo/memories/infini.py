@@ -29,9 +29,11 @@ every other weight; a 10x learning rate and no decay let an early prototype lear
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -87,6 +89,13 @@ class InfiniConfig(MemoryConfig):
             ``"add"``: ``W_O A_dot + W_mem A_mem`` with ``W_mem`` initialised to 0, so a model
             warm-started from a softmax backbone is exactly local attention until the memory
             earns its place (a gate at 0.5 halves the local path from the first step).
+        decay: Gated DeltaNet's per-token decay of the memory (``update_rule="deltanet"`` only):
+            ``M_t = alpha_t M_{t-1} + b_t phi(k_t)^T (v_t - alpha_t phi(k_t) M_{t-1})`` with
+            ``alpha_t = exp(-softplus(w_h . x_t + c_h))`` per head, so the residue of filler can
+            fade while ``alpha_t`` stays at 1 over what must be kept. Off: ``alpha_t = 1``.
+        decay_init: ``1 - alpha`` at initialisation (``w_h = 0``, ``c_h`` set from it): 1e-5 per
+            token keeps 85% of a write over 16K tokens, so a warm start from a model without the
+            decay begins almost unchanged and learns where to forget.
     """
 
     segment_len: int = field(default=256, metadata=bounds(ge=1))
@@ -100,11 +109,18 @@ class InfiniConfig(MemoryConfig):
     write_strength: bool = False
     conv_kernel: int = field(default=0, metadata=bounds(ge=0))
     mix: str = field(default="gate", metadata=bounds(choices=MIXES))
+    decay: bool = False
+    decay_init: float = field(default=1e-5, metadata=bounds(gt=0, lt=1))
 
     def __post_init__(self):
         super().__post_init__()
         _ = self.rule  # MemoryRule checks the combination and says what to change
         check_kernel("conv_kernel", self.conv_kernel)
+        if self.decay and self.update_rule != "deltanet":
+            raise ValueError(
+                f"decay is Gated DeltaNet's, a decay of the delta rule's memory token by token: set update_rule to 'deltanet' "
+                f"(with feature_map 'silu-l2' and normalize false), or decay to false; got update_rule={self.update_rule!r}"
+            )
 
     @property
     def rule(self) -> MemoryRule:
@@ -141,8 +157,9 @@ class InfiniState(MemoryState):
     ``nbytes() = b*h*(k*v + k)*m + b*h*s*(k + v)*e``, where ``m`` is the memory's itemsize (4:
     fp32, or 8 for fp64) and ``e`` the buffer's (the state dtype's, 4 by default). With the
     defaults (fp32, k = v) that is ``4*b*h*k*(k + 1 + 2*s)`` bytes per layer, whatever the length
-    of the stream. ``write_strength`` adds ``b*h*s*e`` (the buffered strengths) and
-    ``conv_kernel`` ``b*(conv_kernel - 1)*3d*e`` (the conv's left context).
+    of the stream. ``write_strength`` adds ``b*h*s*e`` (the buffered strengths), ``decay``
+    ``b*h*s*m`` (the buffered log decays) and ``conv_kernel`` ``b*(conv_kernel - 1)*3d*e`` (the
+    conv's left context).
 
     Attributes:
         M: [b, h, k, v] memory, fp32 (fp64 if the state is fp64), even under bf16 autocast.
@@ -152,6 +169,7 @@ class InfiniState(MemoryState):
         values: [b, h, s, v] its values.
         position: stream tokens seen so far.
         strengths: [b, h, s] the unfinished segment's write strengths (``write_strength`` only).
+        decays: [b, h, s] the unfinished segment's log decays, in M's dtype (``decay`` only).
         conv: [b, conv_kernel - 1, 3d] the last q/k/v projections before the conv (``conv_kernel`` only).
     """
 
@@ -162,6 +180,7 @@ class InfiniState(MemoryState):
     position: int = 0
     strengths: Tensor | None = None
     conv: Tensor | None = None
+    decays: Tensor | None = None
 
     @property
     def fill(self) -> int:
@@ -183,6 +202,7 @@ class InfiniAttention(MemoryModule):
         beta: [h] gate logits; ``sigmoid(beta)`` is the weight of the memory read (``mix="gate"``).
         mem_out: ``Linear(d -> d)``, zero at init, the memory read's projection (``mix="add"``).
         strength: ``Linear(d -> h)``, the per-token write strengths' logits (``write_strength``).
+        decay: ``Linear(d -> h)``, the per-token decays' pre-activations (``decay``): ``alpha = exp(-softplus(.))``.
         conv: [3d, conv_kernel] the depthwise conv's taps minus the identity (the last tap, the
             token itself, is ``1 + conv[:, -1]``), zero at init (``conv_kernel``).
         optim_overrides: ``{"beta": {"lr_mult": ..., "weight_decay": ...}}`` from the config, for
@@ -204,6 +224,7 @@ class InfiniAttention(MemoryModule):
         self.beta = nn.Parameter(torch.empty(n_heads)) if config.mix == "gate" else None
         self.mem_out = nn.Linear(d_model, d_model, bias=False) if config.mix == "add" else None
         self.strength = nn.Linear(d_model, n_heads) if config.write_strength else None
+        self.decay = nn.Linear(d_model, n_heads) if config.decay else None
         self.conv = nn.Parameter(torch.empty(3 * d_model, config.conv_kernel)) if config.conv_kernel else None
         self.optim_overrides = {}
         if self.beta is not None:
@@ -215,13 +236,17 @@ class InfiniAttention(MemoryModule):
         return "the compressive memory is never written: every segment reads an empty memory (local attention unchanged)"
 
     def reset_memory_parameters(self) -> None:
-        """The gate at ``gate_init``, the memory output at 0, the conv at the identity (its offset at 0)."""
+        """The gate at ``gate_init``, the memory output at 0, the conv at the identity (its offset at 0),
+        the decay at ``decay_init`` for every token."""
         if self.beta is not None:
             nn.init.constant_(self.beta, self.config.gate_init)
         if self.mem_out is not None:
             nn.init.zeros_(self.mem_out.weight)
         if self.conv is not None:
             nn.init.zeros_(self.conv)
+        if self.decay is not None:  # 1 - exp(-softplus(c)) = decay_init
+            nn.init.zeros_(self.decay.weight)
+            nn.init.constant_(self.decay.bias, math.log(math.expm1(-math.log1p(-self.config.decay_init))))
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> InfiniState:
         device = self._default_device(device)
@@ -239,23 +264,27 @@ class InfiniAttention(MemoryModule):
             values=zeros(b, h, s, k),
             strengths=zeros(b, h, s) if self.strength is not None else None,
             conv=zeros(b, self.config.conv_kernel - 1, 3 * h * k) if self.conv is not None else None,
+            decays=zeros(b, h, s, dt=mem_dtype) if self.decay is not None else None,
         )
 
-    def _project(self, x: Tensor, state: InfiniState) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """q, k, v [b, h, n, k], write strengths [b, h, n] (or None) and the conv's next context."""
+    def _project(self, x: Tensor, state: InfiniState) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """q, k, v [b, h, n, k], write strengths [b, h, n] (or None), the conv's next context and log decays [b, h, n] (or None)."""
         p, conv = self.qkv(x), None
         if self.conv is not None:
             p, conv = causal_conv(p, state.conv, identity_plus(self.conv))
         q, k, v = rearrange(p, "b n (three h k) -> three b h n k", three=3, h=self.n_heads)
-        strength = None
+        strength = decay = None
         if self.strength is not None:
             strength = rearrange(torch.sigmoid(self.strength(x)), "b n h -> b h n")
-        return q, k, v, strength, conv
+        if self.decay is not None:  # log alpha = -softplus(.), at least fp32: a decay of 1e-5 needs the mantissa
+            decay = rearrange(-F.softplus(self.decay(x).to(torch.promote_types(x.dtype, torch.float32))), "b n h -> b h n")
+        return q, k, v, strength, conv, decay
 
     def forward(self, x: Tensor, state: InfiniState) -> tuple[Tensor, InfiniState]:
-        q, k, v, strength, conv = self._project(x, state)
+        q, k, v, strength, conv, decay = self._project(x, state)
         n, S, rule = x.shape[1], self.segment_len, self.rule
         M, z, keys, values, strengths, pos = state.M, state.z, state.keys, state.values, state.strengths, state.position
+        decays = state.decays
         outs, i = [], 0
         if pos % S:  # finish the unfinished segment first: its earlier tokens are in the buffer
             f = pos % S
@@ -265,11 +294,13 @@ class InfiniAttention(MemoryModule):
             values = values.slice_scatter(v[:, :, :i].to(values.dtype), dim=2, start=f, end=f + i)
             if strengths is not None:
                 strengths = strengths.slice_scatter(strength[:, :, :i].to(strengths.dtype), dim=2, start=f, end=f + i)
+            if decays is not None:
+                decays = decays.slice_scatter(decay[:, :, :i].to(decays.dtype), dim=2, start=f, end=f + i)
             a_dot = local_attention(q[:, :, :i], keys[:, :, : f + i].to(q.dtype), values[:, :, : f + i], rope_theta=self.rope_theta)
             outs.append(gate_mix(memory_read(q[:, :, :i], M, z, rule), a_dot, self.beta))
             pos += i
             if pos % S == 0 and not self.memory_off:
-                M, z = memory_write(keys, values, M, z, rule, strengths)
+                M, z = memory_write(keys, values, M, z, rule, strengths, decays)
                 M, z = self._maybe_detach(M, z, pos // S)
         if i < n:  # the rest starts at a segment boundary: batched over its complete segments
             a, M, z = infini_attention(
@@ -282,6 +313,7 @@ class InfiniAttention(MemoryModule):
                 segment_len=S,
                 rule=rule,
                 strength=None if strength is None else strength[:, :, i:],
+                decay=None if decay is None else decay[:, :, i:],
                 rope_theta=self.rope_theta,
                 detach_every=self.config.detach_every,
                 segments_done=pos // S,
@@ -295,6 +327,8 @@ class InfiniAttention(MemoryModule):
                 values = values.slice_scatter(v[:, :, n - tail :].to(values.dtype), dim=2, start=0, end=tail)
                 if strengths is not None:
                     strengths = strengths.slice_scatter(strength[:, :, n - tail :].to(strengths.dtype), dim=2, start=0, end=tail)
+                if decays is not None:
+                    decays = decays.slice_scatter(decay[:, :, n - tail :].to(decays.dtype), dim=2, start=0, end=tail)
         a = torch.cat(outs, dim=2).to(x.dtype)
         if self.mem_out is None:
             y = self.out(rearrange(a, "b h n v -> b n (h v)"))
@@ -303,7 +337,7 @@ class InfiniAttention(MemoryModule):
             y = self.out(rearrange(a_dot, "b h n v -> b n (h v)")) + self.mem_out(rearrange(a_mem, "b h n v -> b n (h v)"))
         if conv is not None:
             conv = conv.to(state.conv.dtype)
-        new = InfiniState(M=M, z=z, keys=keys, values=values, position=pos, strengths=strengths, conv=conv)
+        new = InfiniState(M=M, z=z, keys=keys, values=values, position=pos, strengths=strengths, conv=conv, decays=decays)
         return y, new
 
     def _maybe_detach(self, M: Tensor, z: Tensor, segments_done: int) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,13 @@ linear-RNN literature shows makes such a memory retrieve (DeltaNet, Yang et al. 
   ``(I + diag(b) tril(phi(K) phi(K)^T, -1)) U = diag(b) (V - phi(K) M)``, ``M <- M + phi(K)^T U``
   (the chunkwise form of DeltaNet).
 - a per-token write strength ``b_t`` (``strength``), computed by the module; 1 if none.
+- a per-token decay ``alpha_t = exp(g_t)`` of the memory before each write (``decay``, the log
+  decays ``g_t <= 0``; Gated DeltaNet, arXiv 2412.06464), DeltaNet's rule only:
+  ``M_t = alpha_t M_{t-1} + b_t phi(k_t)^T (v_t - alpha_t phi(k_t) M_{t-1})``, so what filler
+  wrote fades while the model can hold ``alpha_t`` at 1 over what it must keep. A sub-chunk is
+  still one triangular system: with ``gamma_t = prod_{i <= t} alpha_i`` (from the sub-chunk's
+  start) the off-diagonal terms are weighted by ``gamma_t / gamma_j`` and the start's memory by
+  ``gamma_t``.
 
 Empty memory: at the start of a stream ``M = 0`` and ``z = 0``, so ``s(Q) z = 0``. The
 denominator is clamped at :data:`EPS`; the numerator is exactly 0 then, so the read is exactly 0
@@ -185,43 +192,56 @@ def _strength(strength: Tensor | None, like: Tensor) -> Tensor:
 DELTANET_CHUNK = 64
 
 
-def _deltanet_factors(fk: Tensor, v: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """DeltaNet's factors of each sub-chunk: ``W_k = A^-1 diag(b) phi(K)`` and ``W_v = A^-1 diag(b) V``.
+def _deltanet_factors(fk: Tensor, v: Tensor, b: Tensor, g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """DeltaNet's factors of each sub-chunk: ``W_k = A^-1 diag(b gamma) phi(K)`` and ``W_v = A^-1 diag(b) V``.
 
-    ``A = I + diag(b) tril(phi(K) phi(K)^T, -1)`` (unit lower triangular), so a sub-chunk written
-    into memory ``M`` adds ``phi(K)^T (W_v - W_k M)``. Neither factor depends on ``M``: the
+    ``A = I + diag(b) tril(Gamma * phi(K) phi(K)^T, -1)`` (unit lower triangular) with
+    ``Gamma_tj = gamma_t / gamma_j`` and ``gamma_t`` the product of the decays from the sub-chunk's
+    start to token t (all 1 without decay), so a sub-chunk written into memory ``M`` gives
+    ``gamma_c M + (phi(K) gamma_c / gamma)^T (W_v - W_k M)``. Neither factor depends on ``M``: the
     factors of every sub-chunk of every segment are one batched triangular solve.
 
     Args:
-        fk: [..., s, k] key features; v: [..., s, v]; b: [..., s] write strengths.
+        fk: [..., s, k] key features; v: [..., s, v]; b: [..., s] write strengths; g: [..., s] log
+            decays (<= 0), or None for no decay.
 
     Returns:
-        ``fk``, ``W_k``, ``W_v`` cut into sub-chunks of :data:`DELTANET_CHUNK` tokens (the last
-        padded with zero keys of strength 0, which write nothing): [..., n, c, k], [..., n, c, k],
-        [..., n, c, v].
+        The keys that write (``phi(K)`` weighted by ``gamma_c / gamma``), ``W_k``, ``W_v``, cut into
+        sub-chunks of :data:`DELTANET_CHUNK` tokens (the last padded with zero keys of strength 0 and
+        decay 1, which change nothing): [..., n, c, k], [..., n, c, k], [..., n, c, v]; and the
+        sub-chunks' decays ``gamma_c`` [..., n] (None without decay).
     """
     s, chunk = fk.shape[-2], DELTANET_CHUNK
     n = -(-s // chunk)
     if n * chunk > s:
         pad = n * chunk - s
         fk, v, b = F.pad(fk, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        g = None if g is None else F.pad(g, (0, pad))
     fk, v = (t.reshape(*t.shape[:-2], n, chunk, t.shape[-1]) for t in (fk, v))
     b = b.reshape(*b.shape[:-1], n, chunk)
     lower = torch.tril(einsum(fk, fk, "... i k, ... j k -> ... i j"), diagonal=-1)
+    rhs_k, write_k, gamma_c = fk, fk, None
+    if g is not None:
+        L = g.reshape(*g.shape[:-1], n, chunk).cumsum(dim=-1)  # log gamma_t within the sub-chunk
+        below = torch.ones(chunk, chunk, dtype=torch.bool, device=fk.device).tril(-1)
+        lower = lower * torch.where(below, L[..., :, None] - L[..., None, :], -torch.inf).exp()  # gamma_t / gamma_j <= 1
+        rhs_k, write_k = L.exp()[..., None] * fk, (L[..., -1:] - L).exp()[..., None] * fk
+        gamma_c = L[..., -1].exp()
     A = torch.eye(chunk, dtype=fk.dtype, device=fk.device) + b[..., None] * lower
-    W = torch.linalg.solve_triangular(A, b[..., None] * torch.cat([fk, v], dim=-1), upper=False, unitriangular=True)
-    return fk, W[..., : fk.shape[-1]], W[..., fk.shape[-1] :]
+    W = torch.linalg.solve_triangular(A, b[..., None] * torch.cat([rhs_k, v], dim=-1), upper=False, unitriangular=True)
+    return write_k, W[..., : fk.shape[-1]], W[..., fk.shape[-1] :], gamma_c
 
 
-def _deltanet_write(fk: Tensor, Wk: Tensor, Wv: Tensor, M: Tensor) -> Tensor:
+def _deltanet_write(fk: Tensor, Wk: Tensor, Wv: Tensor, M: Tensor, gamma: Tensor | None = None) -> Tensor:
     """One segment's sub-chunks [b, h, n, c, *] (from :func:`_deltanet_factors`) written into ``M`` [b, h, k, v], in turn."""
     for j in range(fk.shape[2]):
-        M = M + einsum(fk[:, :, j], Wv[:, :, j] - einsum(Wk[:, :, j], M, "b h c k, b h k v -> b h c v"), "b h c k, b h c v -> b h k v")
+        start = M if gamma is None else gamma[:, :, j, None, None] * M
+        M = start + einsum(fk[:, :, j], Wv[:, :, j] - einsum(Wk[:, :, j], M, "b h c k, b h k v -> b h c v"), "b h c k, b h c v -> b h k v")
     return M
 
 
 def memory_write(
-    k: Tensor, v: Tensor, M: Tensor, z: Tensor, rule: MemoryRule = PAPER, strength: Tensor | None = None
+    k: Tensor, v: Tensor, M: Tensor, z: Tensor, rule: MemoryRule = PAPER, strength: Tensor | None = None, decay: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Write one complete segment into the memory (out of place).
 
@@ -231,6 +251,7 @@ def memory_write(
         M: [b, h, k, v], z: [b, h, k] the memory before the segment.
         rule: the update rule, feature map and normaliser (:class:`MemoryRule`).
         strength: [b, h, s] per-token write strengths (None: 1). ``z`` grows by ``sum_t b_t phi(k_t)``.
+        decay: [b, h, s] per-token log decays (``deltanet`` only; None: no decay).
 
     Returns:
         The new ``M`` [b, h, k, v] and ``z`` [b, h, k], fp32 (or fp64).
@@ -238,7 +259,10 @@ def memory_write(
     Reference: arXiv 2404.07143, section 2.1.2, linear and delta memory updates; DeltaNet
     (arXiv 2406.06484), its chunkwise form.
     """
-    _, _, M, z = memory_scan(k[:, :, None], v[:, :, None], M, z, rule, None if strength is None else strength[:, :, None])
+    def one(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:, :, None]
+
+    _, _, M, z = memory_scan(k[:, :, None], v[:, :, None], M, z, rule, one(strength), decay=one(decay))
     return M, z
 
 
@@ -250,6 +274,7 @@ def memory_scan(
     rule: MemoryRule = PAPER,
     strength: Tensor | None = None,
     *,
+    decay: Tensor | None = None,
     detach_every: int = 0,
     segments_done: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -266,6 +291,7 @@ def memory_scan(
         M: [b, h, k, v], z: [b, h, k] the memory before the first of them.
         rule: :class:`MemoryRule`.
         strength: [b, h, g, s] per-token write strengths (None: 1).
+        decay: [b, h, g, s] per-token log decays ``g_t <= 0`` of the memory (``deltanet`` only; None: no decay).
         detach_every: if > 0, cut the autograd graph of the memory after every ``detach_every``-th
             segment of the stream (truncated back-propagation through the memory).
         segments_done: segments of the stream completed before these (to place the cuts).
@@ -274,6 +300,8 @@ def memory_scan(
         ``M_read`` [b, h, g, k, v] and ``z_read`` [b, h, g, k], the memory each segment reads
         (before its own write), and the final ``M`` [b, h, k, v], ``z`` [b, h, k].
     """
+    if decay is not None and rule.update_rule != "deltanet":
+        raise ValueError(f"a decay needs update_rule='deltanet' (Gated DeltaNet), got {rule.update_rule!r}")
     dtype = _memory_dtype(M)
     M, z = M.to(dtype), z.to(dtype)
     with torch.autocast(k.device.type, enabled=False):
@@ -287,13 +315,14 @@ def memory_scan(
             z_read = torch.cat([z.unsqueeze(2), z_after[:, :, :-1]], dim=2)
             return M_read, z_read, M_after[:, :, -1], z_after[:, :, -1]
         if rule.update_rule == "deltanet":
-            chunks = _deltanet_factors(fk, v, b)  # [b, h, g, n, c, *]: M-independent, all at once
+            chunks = _deltanet_factors(fk, v, b, None if decay is None else decay.to(dtype))  # [b, h, g, n, c, *]: all at once
         M_read, z_read = [], []
         for i in range(k.shape[2]):
             M_read.append(M)
             z_read.append(z)
             if rule.update_rule == "deltanet":
-                M = _deltanet_write(*(t[:, :, i] for t in chunks), M)
+                gamma = chunks[3]
+                M = _deltanet_write(*(t[:, :, i] for t in chunks[:3]), M, None if gamma is None else gamma[:, :, i])
             else:
                 new = v[:, :, i]
                 if rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)
@@ -357,6 +386,7 @@ def infini_attention(
     segment_len: int,
     rule: MemoryRule = PAPER,
     strength: Tensor | None = None,
+    decay: Tensor | None = None,
     rope_theta: float = 10000.0,
     detach_every: int = 0,
     segments_done: int = 0,
@@ -376,6 +406,7 @@ def infini_attention(
         segment_len: s.
         rule: :class:`MemoryRule` (the paper's delta rule by default).
         strength: [b, h, n] per-token write strengths (None: 1).
+        decay: [b, h, n] per-token log decays of the memory (``deltanet`` only; None: no decay).
         rope_theta: RoPE base of the local attention.
         detach_every, segments_done: see :func:`memory_scan`.
         write: False = the memory-off control: no segment writes, each reads ``M``, ``z`` as given.
@@ -392,8 +423,8 @@ def infini_attention(
     if g:
         qs, ks, vs = (rearrange(t[:, :, : g * S], "b h (g s) k -> b h g s k", s=S) for t in (q, k, v))
         if write:
-            bs = None if strength is None else rearrange(strength[:, :, : g * S], "b h (g s) -> b h g s", s=S)
-            M_read, z_read, M, z = memory_scan(ks, vs, M, z, rule, bs, detach_every=detach_every, segments_done=segments_done)
+            bs, gs = (None if t is None else rearrange(t[:, :, : g * S], "b h (g s) -> b h g s", s=S) for t in (strength, decay))
+            M_read, z_read, M, z = memory_scan(ks, vs, M, z, rule, bs, decay=gs, detach_every=detach_every, segments_done=segments_done)
         else:
             M_read, z_read = M[:, :, None].expand(-1, -1, g, -1, -1), z[:, :, None].expand(-1, -1, g, -1)
         a_mem = memory_read(qs, M_read, z_read, rule)  # [b, h, g, s, v]
@@ -418,6 +449,7 @@ def infini_attention_naive(
     segment_len: int,
     rule: MemoryRule = PAPER,
     strength: Tensor | None = None,
+    decay: Tensor | None = None,
     rope_theta: float = 10000.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference form of :func:`infini_attention`: segment by segment, query by query, token-sum by token-sum.
@@ -428,7 +460,8 @@ def infini_attention_naive(
     a time (the paper's rules: every term from the memory of the segment's start), or applied one
     token at a time (DeltaNet: each from the memory the previous token left; no triangular solve).
 
-    Args and returns: as :func:`infini_attention` (no truncation options: reference only).
+    Args and returns: as :func:`infini_attention` (no truncation options: reference only); with a
+    ``decay`` the memory is multiplied by ``exp(decay_t)`` before token t reads and writes it.
 
     Reference: arXiv 2404.07143, sections 2.1.1 and 2.1.2, as written; DeltaNet's recurrence
     (arXiv 2406.06484, eq. 1).
@@ -438,6 +471,7 @@ def infini_attention_naive(
     M, z = M.to(dtype), z.to(dtype)
     gate = None if beta is None else beta.to(dtype).sigmoid()[None, :, None]  # [1, h, 1]
     b = torch.ones(q.shape[:3], dtype=dtype) if strength is None else strength.to(dtype)  # [b, h, n]
+    alpha = torch.ones(q.shape[:3], dtype=dtype) if decay is None else decay.to(dtype).exp()  # [b, h, n]
 
     def read(f: Tensor, M: Tensor, z: Tensor) -> Tensor:  # f [b, h, k] -> [b, h, v]
         num = einsum(f, M, "b h k, b h k v -> b h v")
@@ -455,18 +489,24 @@ def infini_attention_naive(
             # A_mem: phi(q_i) M_{s-1} / (phi(q_i) z_{s-1}), the memory of the segment's start
             a_mem = read(features(q[:, :, start + i].to(dtype), rule.feature_map), M, z)
             outs.append(torch.cat([a_dot, a_mem], dim=-1) if gate is None else gate * a_mem + (1 - gate) * a_dot)
-        if end - start == segment_len:  # a complete segment is written, one token's term at a time
-            dM, dz, M_t = torch.zeros_like(M), torch.zeros_like(z), M
+        if end - start == segment_len and rule.update_rule == "deltanet":  # token by token, each write seeing the one before
+            dz = torch.zeros_like(z)
+            for t in range(start, end):
+                fk = features(k[:, :, t].to(dtype), rule.feature_map)  # [b, h, k]
+                M = alpha[:, :, t, None, None] * M  # Gated DeltaNet's decay (1 without it)
+                new = v[:, :, t].to(dtype) - read(fk, M, z)  # what the decayed memory does not return for k_t
+                M = M + einsum(fk, b[:, :, t, None] * new, "b h k, b h v -> b h k v")
+                dz = dz + b[:, :, t, None] * fk
+            z = z + dz
+        elif end - start == segment_len:  # a complete segment is written, one token's term at a time
+            dM, dz = torch.zeros_like(M), torch.zeros_like(z)
             for t in range(start, end):
                 fk = features(k[:, :, t].to(dtype), rule.feature_map)  # [b, h, k]
                 bt = b[:, :, t, None]
                 new = v[:, :, t].to(dtype)
                 if rule.update_rule == "delta":  # subtract what the memory of the segment's start already returns for k_t
                     new = new - read(fk, M, z)
-                elif rule.update_rule == "deltanet":  # ... of the memory the previous token left
-                    new = new - read(fk, M_t, z)
                 dM = dM + einsum(fk, bt * new, "b h k, b h v -> b h k v")
-                M_t = M + dM
                 dz = dz + bt * fk
             M, z = M + dM, z + dz
     return torch.stack(outs, dim=2), M, z

@@ -113,8 +113,23 @@ def _budget_lines(training: dict) -> list[str]:
         per_step = training["tokens"] / max(training["steps"], 1)
         lines.append(f"- budget: {training['steps']:,} steps x {per_step:,.0f} tokens per step = {training['tokens'] / 1e6:.2f}M tokens"
                      + (" (this run's own; the warm start's source has its own card)" if training.get("warm_start") else ""))  # fmt: skip
-    if training.get("cpu_flags"):
-        lines.append(f"- CPU flags: {', '.join(training['cpu_flags'])}")
+    lines += _machine_lines(training)
+    return lines
+
+
+def _machine_lines(training: dict) -> list[str]:
+    """The CPU flags of the machines that ran the steps (a run resumed elsewhere lists each), or what is not recorded."""
+    machines = training.get("machines")
+    if machines is None:  # a record from before runs kept their machines: the one it names, if any
+        return [f"- CPU flags: {', '.join(training['cpu_flags'])}"] if training.get("cpu_flags") else []
+    lines, step = [], 0
+    for m in machines:
+        if m["from_step"] > step:
+            lines.append(f"- CPU flags, steps {step}-{m['from_step']}: not recorded (resumed from a run saved before runs kept them)")
+        lines.append(f"- CPU flags, steps {m['from_step']}-{m['to_step']}: {', '.join(m['cpu_flags']) or 'none of avx2/avx512/amx'}")
+        step = m["to_step"]
+    if len(machines) == 1 and machines[0]["from_step"] == 0:
+        lines = [lines[0].replace(f", steps 0-{machines[0]['to_step']}", "")]
     return lines
 
 

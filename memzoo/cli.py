@@ -457,7 +457,7 @@ def _cmd_ship(args: argparse.Namespace) -> int:
         "curriculum": curriculum,
         # the budget the comparison counts: optimiser steps x tokens per step (this run's own)
         "tokens": curriculum_tokens(curriculum, summary["steps"], summary["train"]["steps"]) if curriculum else None,
-        "cpu_flags": cpu_flags(),
+        "shipped_on": {"cpu_flags": cpu_flags()},  # the CPUs that trained it are the run's "machines"
         "stored_dtype": "bfloat16" if stored else "float32",
         "notes": recipe.get("notes", ""),
     }

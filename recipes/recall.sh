@@ -7,7 +7,7 @@
 # The trained checkpoints come first (each resumes if interrupted; equal budgets, see the configs):
 #   memzoo recall train --config recipes/configs/recall/full.yaml --out runs/recall-full
 #   memzoo recall ship --run runs/recall-full --config recipes/configs/recall/full.yaml --out checkpoints/recall-full
-#   (the same for full-conv, infini-deltanet and titans-mag)
+#   (the same for full-conv, infini, infini-deltanet and titans-mag)
 # GAPS (default 1K 4K 16K 64K) and VARIANTS (default standard overwrite) choose the cells; `full` keeps every
 # token, so it stops at 16K (and answers nothing past its trained 2K rows). Longer gaps for one checkpoint join its results file later:
 #   memzoo recall eval --checkpoint checkpoints/recall-infini-deltanet --gaps 256K 1M --out docs/results/recall

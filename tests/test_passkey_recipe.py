@@ -259,7 +259,9 @@ def test_ship_derive_and_card(tmp_path):
     training = json.loads((tmp_path / "ck-full" / "training.json").read_text())
     assert "2 steps" in card and f"{training['final_loss']:.4f}" in card and "/2 |" in card
     assert training["tokens"] == 2 * 2 * 300 and "budget: 2 steps x 600 tokens per step = 0.00M tokens" in card
-    assert training["cpu_flags"] == memzoo.bench.cpu_flags() and all(f.startswith(("avx", "amx")) for f in training["cpu_flags"])
+    flags = memzoo.bench.cpu_flags()
+    assert training["machines"] == [{"from_step": 0, "to_step": 2, "cpu_flags": flags}] and training["shipped_on"]["cpu_flags"] == flags
+    assert all(f.startswith(("avx", "amx")) for f in flags) and f"- CPU flags: {', '.join(flags)}" in card
     derived = write_card(tmp_path / "ck-evict").read_text()
     assert "No training of its own" in derived and "bfloat16" in derived and "Not measured yet" in derived
     assert memzoo.load(tmp_path / "ck-evict").embed.weight.dtype == torch.float32  # loads back to fp32

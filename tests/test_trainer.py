@@ -6,6 +6,7 @@ import json
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,31 @@ def test_resume_continues_exactly(tmp_path):
     losses = lambda run: [json.loads(ln)["loss"] for ln in (tmp_path / run / "log.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses("a") == losses("b")
     assert (tmp_path / "b" / "last" / "optimizer.safetensors").is_file()
+
+
+def test_a_run_keeps_the_cpus_that_ran_its_steps_across_resumes(tmp_path, monkeypatch):
+    """A resume on another CPU opens a new entry; one on the same CPU extends the last; the card lists them."""
+    import memzoo.bench
+    from memzoo.cards import _machine_lines
+
+    flags = [["avx2"]]
+    monkeypatch.setattr(memzoo.bench, "cpu_flags", lambda: list(flags[0]))
+    for steps, cpu in ((2, ["avx2"]), (3, ["avx2"]), (4, ["avx2", "avx512_bf16", "avx512f"])):
+        flags[0] = cpu
+        trainer = Trainer(make("full"), config(steps=steps), random_batches(), out_dir=tmp_path / "run")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the schedule stretches: steps 2 -> 3 -> 4
+            trainer.fit(progress=False)
+    expected = [{"from_step": 0, "to_step": 3, "cpu_flags": ["avx2"]},
+                {"from_step": 3, "to_step": 4, "cpu_flags": ["avx2", "avx512_bf16", "avx512f"]}]  # fmt: skip
+    assert trainer.machines == expected
+    assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["machines"] == expected
+    assert _machine_lines({"machines": expected}) == [
+        "- CPU flags, steps 0-3: avx2", "- CPU flags, steps 3-4: avx2, avx512_bf16, avx512f",
+    ]  # fmt: skip
+    late = [{"from_step": 2, "to_step": 4, "cpu_flags": ["avx2"]}]  # resumed from a checkpoint that kept none
+    assert _machine_lines({"machines": late})[0].startswith("- CPU flags, steps 0-2: not recorded")
+    assert _machine_lines({"machines": expected[:1]}) == ["- CPU flags: avx2"]
 
 
 def test_segmented_full_bptt_gradient_equals_one_call():

@@ -333,6 +333,7 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
         "autocast": trainer.autocast,  # what ran: "auto" resolved on this machine
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(train_cfg),
+        "machines": trainer.machines,
     }
     if trainer.changes:
         summary["changed_on_resume"] = trainer.changes

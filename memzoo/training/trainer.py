@@ -177,6 +177,8 @@ class Trainer:
             group.setdefault("lr_mult", 1.0)  # param_groups sets it; the schedule scales every group by it
         self.step = 0
         self.train_seconds = 0.0  # wall time of all steps so far, across resumes
+        # the CPUs that ran the steps, across resumes: [{"from_step", "to_step", "cpu_flags"}] (cards state them)
+        self.machines: list[dict] = []
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -310,6 +312,7 @@ class Trainer:
         if resume and self.out_dir is not None and (self.out_dir / "last").is_dir():
             self.load_checkpoint(self.out_dir / "last")
         self._truncate_log()  # steps logged after the checkpoint (a kill) or by an earlier run (no resume) go
+        self._record_machine()
         history, start_time, tokens, seconds_before = [], time.perf_counter(), 0, self.train_seconds
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
         while self.step < cfg.steps:
@@ -319,6 +322,7 @@ class Trainer:
             tokens += metrics["tokens"]
             metrics.update(train_s=round(self.train_seconds, 2), tokens_per_s=round(tokens / max(elapsed, 1e-9)))
             history.append(metrics)
+            self.machines[-1]["to_step"] = self.step
             bar.update(1)
             shown = {"loss": f"{metrics['loss']:.3f}"} | {k: f"{v:.2f}" for k, v in metrics.items() if k.startswith("ce_")}
             bar.set_postfix(shown, tok_s=metrics["tokens_per_s"])
@@ -333,6 +337,15 @@ class Trainer:
                 break
         bar.close()
         return history
+
+    def _record_machine(self) -> None:
+        """Open this call's entry in :attr:`machines` (or extend the last one: same CPU, continuing where it stopped)."""
+        from ..bench import cpu_flags
+
+        flags = cpu_flags()
+        last = self.machines[-1] if self.machines else None
+        if last is None or last["cpu_flags"] != flags or last["to_step"] != self.step:
+            self.machines.append({"from_step": self.step, "to_step": self.step, "cpu_flags": flags})
 
     def _out_of_time(self, elapsed: float) -> bool:
         """Past ``max_minutes``? Rank 0's clock decides for every rank, so all stop at the same step."""
@@ -368,7 +381,7 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(
                 json.dumps(
                     {"step": self.step, "train_seconds": self.train_seconds, "optimizer": meta, "config": asdict(self.config),
-                     "run": self.run_settings, "changes": self.changes},  # fmt: skip
+                     "run": self.run_settings, "changes": self.changes, "machines": self.machines},  # fmt: skip
                     indent=1,
                 )
             )
@@ -391,6 +404,7 @@ class Trainer:
         _load_optimizer(self.optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.machines = [dict(m) for m in state.get("machines", [])]  # a run saved before machines were kept: none
 
 
 #: TrainConfig fields a resumed run may change: they do not change what is computed, except

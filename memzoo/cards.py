@@ -97,12 +97,17 @@ def _books_phrase(results: dict) -> str:
 
 
 def rouge_table(results: dict) -> str:
-    """Markdown table of a booksum results dict: ROUGE per book and over all books."""
-    lines = ["| book | tokens | R-1 | R-2 | R-L | overall |", "|---|---|---|---|---|---|"]
+    """Markdown table of a booksum results dict: ROUGE per book and over all books, and event recall where books have events."""
+    events = results.get("event_recall") is not None  # synthetic books: the share of their events repeated word for word
+    extra = (" event recall |", "---|") if events else ("", "")
+    lines = [f"| book | tokens | R-1 | R-2 | R-L | overall |{extra[0]}", f"|---|---|---|---|---|---|{extra[1]}"]
     for b in results["books"]:
-        lines.append(f"| {b['id']} | {b['n_tokens']} | {b['rouge1']:.2f} | {b['rouge2']:.2f} | {b['rougeL']:.2f} | {b['overall']:.2f} |")
+        recall = f" {b['event_recall']:.2f} |" if events else ""
+        scores = " | ".join(f"{b[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "overall"))
+        lines.append(f"| {b['id']} | {b['n_tokens']} | {scores} |{recall}")
     g = results["rouge"]
-    lines.append(f"| **all** | | {g['rouge1']:.2f} | {g['rouge2']:.2f} | {g['rougeL']:.2f} | {g['overall']:.2f} |")
+    recall = f" {results['event_recall']:.2f} |" if events else ""
+    lines.append(f"| **all** | | {g['rouge1']:.2f} | {g['rouge2']:.2f} | {g['rougeL']:.2f} | {g['overall']:.2f} |{recall}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from memzoo.cli import main
 from memzoo.metrics import ROUGE_TYPES
 from memzoo.tasks.booksum import load_booksum
 from memzoo.tasks.booksum_eval import (
+    FACT_ROLES,
     SUMMARY_PROMPT,
     TRAIN_SEED_RANGE,
     encode_summary_example,
@@ -28,7 +29,7 @@ from memzoo.tasks.booksum_eval import (
 from memzoo.training.recipe import curriculum_stage, load_recipe, make_batch_fn
 
 REPO = Path(__file__).resolve().parents[1]
-BOOKSUM_CONFIGS = sorted((REPO / "recipes" / "configs" / "booksum").glob("*.yaml"))
+BOOKSUM_CONFIGS = sorted((REPO / "recipes" / "configs" / "booksum").rglob("*.yaml"))
 FIXTURES = Path(__file__).parent / "fixtures" / "booksum"
 ROUGE_KEYS = {*ROUGE_TYPES, "overall"}
 
@@ -146,6 +147,8 @@ def test_recipe_end_to_end_offline(tmp_path):
     (probe,) = [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]  # at the last step
     (cell,) = probe["cells"]
     assert probe["step"] == 2 and cell["length"] == 600 and cell["fact_ce"] > 0 and cell["template_ce"] > 0 and cell["event_recall"] == 0
+    roles = cell["fact_ce_by_role"]  # as many facts of each role: their mean is the facts' mean
+    assert list(roles) == list(FACT_ROLES) and sum(roles.values()) / len(roles) == pytest.approx(cell["fact_ce"], abs=1e-3)
     assert main(["booksum", "ship", "--run", str(run), "--config", str(config), "--out", str(full)]) == 0
     assert main(["booksum", "derive", "--from", str(full), "--memory", "namm", "--set", "budget=256", "evict_every=128",
                  "--bf16", "--out", str(namm)]) == 0  # fmt: skip
@@ -265,3 +268,15 @@ def test_evaluate_booksum_hf_with_evicting_cache(tok, llama, tmp_path):
 def bounded_window_prediction(model, tok, books, mh) -> str:
     cache = lambda: mh.EvictingCache("window", 256, evict_every=128)  # noqa: E731
     return evaluate_booksum_hf(model, tok, books, cache_factory=cache, max_new_tokens=10, progress=False)["books"][0]["prediction"]
+
+
+def test_the_card_table_shows_event_recall_for_books_with_events():
+    from memzoo.cards import rouge_table
+
+    scores = {"rouge1": 50.0, "rouge2": 25.0, "rougeL": 40.0, "overall": 36.84}
+    book = {"id": "synthetic-0-1024", "n_tokens": 990, **scores, "event_recall": 0.5}
+    results = {"books": [book], "rouge": scores, "event_recall": 0.5}
+    lines = rouge_table(results).splitlines()
+    assert lines[0].endswith("overall | event recall |") and lines[2].endswith("| 36.84 | 0.50 |") and lines[-1].endswith("| 0.50 |")
+    real = {**results, "books": [{**book, "event_recall": None}], "event_recall": None}  # BookSum: no events to count
+    assert "event recall" not in rouge_table(real) and rouge_table(real).splitlines()[2].endswith("| 36.84 |")

@@ -35,6 +35,7 @@ from .booksum import BookExample, make_synthetic_book
 from .passkey import _as_generator, _byte_offset, _encode
 
 __all__ = [
+    "FACT_ROLES",
     "SUMMARY_PROMPT",
     "TRAIN_SEED_RANGE",
     "encode_summary_example",
@@ -254,6 +255,10 @@ def _summary(name: str, per_book: list[dict], decoding: dict, prompt: str) -> di
     }
 
 
+#: the facts of an event, in the order :func:`fact_positions` gives their spans
+FACT_ROLES = ("person", "deed", "adjective", "object", "place")
+
+
 def fact_positions(book: BookExample) -> list[tuple[int, int]]:
     """Character spans of the facts in ``book.summary``: each event's person, deed, adjective, object and place.
 
@@ -306,9 +311,11 @@ def probe_booksum(
         generate: also decode each summary greedily for its event recall (slower).
 
     Returns:
-        ``{"n_books", "seed", "cells": [{"length", "fact_ce", "template_ce", "event_recall"}]}``, cross-entropies
-        in nats per token (mean over the books' facts' first tokens / template tokens), ``event_recall`` None
-        without ``generate``.
+        ``{"n_books", "seed", "cells": [{"length", "fact_ce", "template_ce", "fact_ce_by_role", "event_recall"}]}``,
+        cross-entropies in nats per token (mean over the books' facts' first tokens / template tokens;
+        ``fact_ce_by_role``: the facts' first tokens by :data:`FACT_ROLES`, which shows which facts a model
+        copies: the person follows only the chapter's number, the others also the word before them),
+        ``event_recall`` None without ``generate``.
     """
     tok = tokenizer or default_tokenizer()
     if _byte_offset(tok) is None:
@@ -319,15 +326,19 @@ def probe_booksum(
     for n in lengths:
         books = synthetic_books(n, range(seed, seed + n_books), tok, n_events=n_events, n_chapters=n_chapters)
         fact_ce, template_ce, recalls = [], [], []
+        by_role = {role: [] for role in FACT_ROLES}
         for book in books:
             context, target = (t.to(device) for t in encode_summary_example(book, tok))
             state = model.stream(context[None, :-1], segment_len, state=None).state
             tail = torch.cat([context[-1:], target[:-1]])[None]  # token i predicts target[i]
             ce = torch.nn.functional.cross_entropy(model(tail, state=state).logits[0].float(), target, reduction="none")
             choice, in_fact = torch.zeros(len(target), dtype=torch.bool, device=device), torch.zeros_like(ce, dtype=torch.bool)
-            for begin, _end in fact_positions(book):
+            spans = fact_positions(book)
+            for begin, _end in spans:
                 choice[1 + begin] = True  # the target starts with a space
                 in_fact[1 + begin : 1 + _end] = True
+            for i, (begin, _end) in enumerate(spans):
+                by_role[FACT_ROLES[i % len(FACT_ROLES)]].append(ce[1 + begin])
             fact_ce.append(ce[choice])
             template_ce.append(ce[~in_fact])
         if generate:
@@ -337,6 +348,7 @@ def probe_booksum(
             "length": n,
             "fact_ce": round(float(torch.cat(fact_ce).mean()), 4),
             "template_ce": round(float(torch.cat(template_ce).mean()), 4),
+            "fact_ce_by_role": {role: round(float(torch.stack(v).mean()), 4) for role, v in by_role.items()},
             "event_recall": sum(recalls) / len(recalls) if recalls else None,
         })  # fmt: skip
     return {"n_books": n_books, "seed": seed, "cells": cells}

@@ -99,15 +99,15 @@ def _books_phrase(results: dict) -> str:
 def rouge_table(results: dict) -> str:
     """Markdown table of a booksum results dict: ROUGE per book and over all books, and event recall where books have events."""
     events = results.get("event_recall") is not None  # synthetic books: the share of their events repeated word for word
+
+    def cells(scores: dict, recall: float | None) -> str:
+        shown = [f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "overall")] + ([f"{recall:.2f}"] if events else [])
+        return " | ".join(shown) + " |"
+
     extra = (" event recall |", "---|") if events else ("", "")
     lines = [f"| book | tokens | R-1 | R-2 | R-L | overall |{extra[0]}", f"|---|---|---|---|---|---|{extra[1]}"]
-    for b in results["books"]:
-        recall = f" {b['event_recall']:.2f} |" if events else ""
-        scores = " | ".join(f"{b[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "overall"))
-        lines.append(f"| {b['id']} | {b['n_tokens']} | {scores} |{recall}")
-    g = results["rouge"]
-    recall = f" {results['event_recall']:.2f} |" if events else ""
-    lines.append(f"| **all** | | {g['rouge1']:.2f} | {g['rouge2']:.2f} | {g['rougeL']:.2f} | {g['overall']:.2f} |{recall}")
+    lines += [f"| {b['id']} | {b['n_tokens']} | {cells(b, b.get('event_recall'))}" for b in results["books"]]
+    lines.append(f"| **all** | | {cells(results['rouge'], results.get('event_recall'))}")
     return "\n".join(lines)
 
 
@@ -127,14 +127,14 @@ def _machine_lines(training: dict) -> list[str]:
     machines = training.get("machines")
     if machines is None:  # a record from before runs kept their machines: the one it names, if any
         return [f"- CPU flags: {', '.join(training['cpu_flags'])}"] if training.get("cpu_flags") else []
+    ranged = len(machines) > 1 or bool(machines and machines[0]["from_step"])  # one machine for every step: no ranges
     lines, step = [], 0
     for m in machines:
         if m["from_step"] > step:
             lines.append(f"- CPU flags, steps {step}-{m['from_step']}: not recorded (resumed from a run saved before runs kept them)")
-        lines.append(f"- CPU flags, steps {m['from_step']}-{m['to_step']}: {', '.join(m['cpu_flags']) or 'none of avx2/avx512/amx'}")
+        steps = f", steps {m['from_step']}-{m['to_step']}" if ranged else ""
+        lines.append(f"- CPU flags{steps}: {', '.join(m['cpu_flags']) or 'none of avx2/avx512/amx'}")
         step = m["to_step"]
-    if len(machines) == 1 and machines[0]["from_step"] == 0:
-        lines = [lines[0].replace(f", steps 0-{machines[0]['to_step']}", "")]
     return lines
 
 

@@ -315,14 +315,13 @@ def memory_scan(
             z_read = torch.cat([z.unsqueeze(2), z_after[:, :, :-1]], dim=2)
             return M_read, z_read, M_after[:, :, -1], z_after[:, :, -1]
         if rule.update_rule == "deltanet":
-            chunks = _deltanet_factors(fk, v, b, None if decay is None else decay.to(dtype))  # [b, h, g, n, c, *]: all at once
+            *chunks, gammas = _deltanet_factors(fk, v, b, None if decay is None else decay.to(dtype))  # [b, h, g, n, c, *]: all at once
         M_read, z_read = [], []
         for i in range(k.shape[2]):
             M_read.append(M)
             z_read.append(z)
             if rule.update_rule == "deltanet":
-                gamma = chunks[3]
-                M = _deltanet_write(*(t[:, :, i] for t in chunks[:3]), M, None if gamma is None else gamma[:, :, i])
+                M = _deltanet_write(*(t[:, :, i] for t in chunks), M, None if gammas is None else gammas[:, :, i])
             else:
                 new = v[:, :, i]
                 if rule.update_rule == "delta":  # the new part of each value: V - phi(K) M (/ phi(K) z)

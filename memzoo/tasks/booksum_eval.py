@@ -333,11 +333,9 @@ def probe_booksum(
             tail = torch.cat([context[-1:], target[:-1]])[None]  # token i predicts target[i]
             ce = torch.nn.functional.cross_entropy(model(tail, state=state).logits[0].float(), target, reduction="none")
             choice, in_fact = torch.zeros(len(target), dtype=torch.bool, device=device), torch.zeros_like(ce, dtype=torch.bool)
-            spans = fact_positions(book)
-            for begin, _end in spans:
-                choice[1 + begin] = True  # the target starts with a space
-                in_fact[1 + begin : 1 + _end] = True
-            for i, (begin, _end) in enumerate(spans):
+            for i, (begin, end) in enumerate(fact_positions(book)):  # the target starts with a space: + 1
+                choice[1 + begin] = True
+                in_fact[1 + begin : 1 + end] = True
                 by_role[FACT_ROLES[i % len(FACT_ROLES)]].append(ce[1 + begin])
             fact_ce.append(ce[choice])
             template_ce.append(ce[~in_fact])

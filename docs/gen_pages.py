@@ -1190,37 +1190,47 @@ def family(design: str) -> str:
 
 
 def training_budget(checkpoint: str | None) -> str:
-    """A checkpoint's training as its ``training.json`` records it: steps and CPU minutes (warm start counted), or its source."""
+    """A checkpoint's training as its ``training.json`` records it: its own steps and tokens, the tokens on the same
+    task with every warm start behind it (the budget the comparison counts), CPU minutes in all, or its source."""
+    from memzoo.training.budget import chain_totals, warm_chain
+
     record = ROOT / str(checkpoint) / "training.json" if checkpoint else None
     if record is None or not record.is_file():
         return "—"
     info = json.loads(record.read_text())
     if "derived_from" in info:
         return f"`{info['derived_from']}`'s weights"
-    minutes = (info.get("train_seconds", 0) + info.get("warm_start", {}).get("source_train_seconds", 0)) / 60
+    chain = warm_chain(ROOT / str(checkpoint))
+    own, everything = chain[-1], chain_totals(chain)
+    on_task = chain_totals(chain, own["task"])
+    minutes = everything["train_seconds"] / 60
     warm = f" (warm from `{info['warm_start']['source']}`)" if "warm_start" in info else ""
-    tokens = run_tokens(info)
-    per_step = f" × {tokens / info['steps'] / 1e3:.1f}K tokens" if tokens and info.get("steps") else ""
-    budget = run_tokens(json.loads(BUDGET_RECORD.read_text())) if BUDGET_RECORD.is_file() else None
-    below = " **below the task's budget**" if tokens and budget and tokens < budget else ""
-    return f"{info.get('steps', '?')} steps{per_step} = {tokens / 1e6:.1f}M tokens{below}, {minutes:.0f} min{warm}" if tokens else \
-        f"{info.get('steps', '?')} steps, {minutes:.0f} min{warm}"  # fmt: skip
+    if not own["tokens"]:
+        return f"{info.get('steps', '?')} steps, {minutes:.0f} min{warm}"
+    text = f"{own['steps']} steps × {own['tokens'] / own['steps'] / 1e3:.1f}K tokens = {own['tokens'] / 1e6:.1f}M tokens"
+    if on_task["tokens"] > own["tokens"]:
+        text += f"; {on_task['tokens'] / 1e6:.1f}M on this task with its warm starts"
+    other = everything["tokens"] - on_task["tokens"]
+    notes = [f"+{other / 1e6:.1f}M on other tasks"] if other else []
+    notes += [] if everything["tokens_complete"] else ["some stages' tokens not recorded"]
+    text += f" ({'; '.join(notes)})" if notes else ""
+    budget = task_budget(own["task"])
+    if budget and on_task["tokens"] < budget:
+        text += f" **below the task's budget of {budget / 1e6:.1f}M**"
+    return f"{text}, {minutes:.0f} min{warm}"
 
 
-#: the passkey task's budget: the shared backbone's last stage (every trained design gets at least its tokens)
-BUDGET_RECORD = ROOT / "checkpoints" / "passkey-full" / "training.json"
+def task_budget(task: str | None) -> int | None:
+    """The most tokens any shipped, trained checkpoint of ``task`` has had on it, warm starts counted: the budget every
+    design of the task should get."""
+    from memzoo.training.budget import chain_totals, warm_chain
 
-
-def run_tokens(info: dict) -> int | None:
-    """A run's own training tokens: recorded at ship time, else counted from its curriculum and steps."""
-    from memzoo.training.recipe import curriculum_tokens
-
-    if info.get("tokens"):
-        return info["tokens"]
-    planned = info.get("train", {}).get("steps") if isinstance(info.get("train"), dict) else None
-    if info.get("curriculum") and info.get("steps") and planned:
-        return curriculum_tokens(info["curriculum"], info["steps"], planned)
-    return None
+    totals = []
+    for record in sorted((ROOT / "checkpoints").glob("*/training.json")):
+        info = json.loads(record.read_text())
+        if info.get("task") == task and "derived_from" not in info:
+            totals.append(chain_totals(warm_chain(record.parent), task)["tokens"])
+    return max(totals, default=None)
 
 
 def summary_section() -> str:
@@ -1269,10 +1279,11 @@ def summary_section() -> str:
         "memory**). Where a second number follows (`memory / off`), it is the same checkpoint with its memory switched off "
         "(`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its most recent "
         "`budget` tokens; `full` has none): a hit counts as memory only where it beats that control. State and "
-        "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: optimiser steps and CPU "
-        "minutes, a warm start's source counted in the minutes; the tokens are the run's own, and the task's budget is "
-        "the shared backbone's last stage (`passkey-full`): a trained checkpoint below it is flagged. Details, heatmaps and "
-        "commands below.\n\n" + table(header, rows)
+        "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: the run's own optimiser "
+        "steps and tokens, then the tokens on this task with every warm start behind it (the budget the fairness rule "
+        "counts; tokens on other tasks are shown apart) and the CPU minutes of the whole chain. The task's budget is the "
+        "most any shipped, trained checkpoint of the task has had: one below it is flagged, so an unequal comparison "
+        "says so. Details, heatmaps and commands below.\n\n" + table(header, rows)
     )
 
 

@@ -117,8 +117,31 @@ def _budget_lines(training: dict) -> list[str]:
     if training.get("tokens"):
         per_step = training["tokens"] / max(training["steps"], 1)
         lines.append(f"- budget: {training['steps']:,} steps x {per_step:,.0f} tokens per step = {training['tokens'] / 1e6:.2f}M tokens"
-                     + (" (this run's own; the warm start's source has its own card)" if training.get("warm_start") else ""))  # fmt: skip
+                     + (" (this run's own; its warm starts below)" if training.get("warm_start") else ""))  # fmt: skip
+    lines += _chain_lines(training)
     lines += _machine_lines(training)
+    return lines
+
+
+def _chain_lines(training: dict) -> list[str]:
+    """Every stage the warm starts put behind this run, and the budget they add up to (warm starts count)."""
+    from .training.budget import chain_totals
+
+    chain = training.get("warm_start", {}).get("chain")
+    if not chain:
+        return []
+    chain = [*chain, {"source": training.get("recipe_file", "this run"), "task": training.get("task"), "steps": training.get("steps"),
+                      "tokens": training.get("tokens"), "train_seconds": training.get("train_seconds")}]  # fmt: skip
+    on_task, everything = chain_totals(chain, training.get("task")), chain_totals(chain)
+    other = everything["tokens"] - on_task["tokens"]
+    lines = [f"- with its warm starts: {on_task['steps']:,} steps = {on_task['tokens'] / 1e6:.2f}M tokens on this task"
+             + (f", {other / 1e6:.2f}M on other tasks" if other else "")
+             + ("" if everything["tokens_complete"] else ", and stages whose tokens were not recorded")
+             + f"; {everything['train_seconds'] / 3600:.1f} h of CPU in all:"]  # fmt: skip
+    for s in chain:
+        size = f"{s['steps']:,} steps, {s['tokens'] / 1e6:.2f}M tokens" if s["tokens"] else "tokens not recorded"
+        note = f", {s['note']}" if s.get("note") else ""
+        lines.append(f"    - `{s['source']}` ({s['task'] or 'task not recorded'}{note}): {size}, {(s['train_seconds'] or 0) / 60:.0f} min")
     return lines
 
 
@@ -145,6 +168,8 @@ def _warm_start_lines(training: dict) -> list[str]:
     source = warm.get("source_train_seconds")
     total = f"; with the source's own {source / 60:.1f} min, {(source + training['train_seconds']) / 60:.1f} min in all" if source else ""
     what = warm.get("source_note", "the backbone it shares")
+    if warm.get("chain"):  # the stages and minutes are listed under the budget
+        what, total = warm.get("source_note", "the stage before"), ""
     return [
         f"- warm start: {warm['copied']} tensors from `{warm['source']}` ({what}{total}); "
         f"its own {len(warm['kept_init'])} tensors started fresh"

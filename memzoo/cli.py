@@ -441,11 +441,14 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     """Copy a finished run's model into a shipped checkpoint folder with its training record."""
     import memzoo
     from memzoo.bench import cpu_flags
+    from memzoo.training.budget import chain_totals, task_curriculum, warm_chain
     from memzoo.training.recipe import curriculum_tokens, load_recipe
 
     run = Path(args.run)
     summary = json.loads((run / "run.json").read_text())
     recipe = load_recipe(args.config)
+    warm = summary.get("warm_start")  # every stage behind the source (older runs kept none: read it before out changes)
+    chain = (warm.get("chain") or warm_chain(warm["source"])) if warm else []
     model = memzoo.load(run / "model")
     stored = _stored_dtype(args.bf16)
     model.save_pretrained(args.out, dtype=stored)
@@ -456,20 +459,15 @@ def _cmd_ship(args: argparse.Namespace) -> int:
         "task": recipe["task"]["name"],
         "curriculum": curriculum,
         # the budget the comparison counts: optimiser steps x tokens per step (this run's own)
-        "tokens": curriculum_tokens(curriculum, summary["steps"], summary["train"]["steps"]) if curriculum else None,
+        "tokens": summary.get("tokens") or curriculum_tokens(task_curriculum(recipe["task"]), summary["steps"], summary["train"]["steps"]),
         "shipped_on": {"cpu_flags": cpu_flags()},  # the CPUs that trained it are the run's "machines"
         "stored_dtype": "bfloat16" if stored else "float32",
         "notes": recipe.get("notes", ""),
     }
-    if "warm_start" in summary:  # what the source cost (a shipped checkpoint's training.json, or a run's run.json)
-        source = Path(summary["warm_start"]["source"])
-        record = next((f for f in (source / "training.json", source.parent / "run.json") if f.is_file()), None)
-        if record is not None:  # the source may itself be warm-started: count the whole chain
-            earlier = json.loads(record.read_text())
-            chain = earlier.get("train_seconds", 0.0) + earlier.get("warm_start", {}).get("source_train_seconds", 0.0)
-            info["warm_start"] = summary["warm_start"] | {"source_train_seconds": chain}
-            if source.resolve() == Path(args.out).resolve():  # a later stage shipped over its own warm start
-                info["warm_start"]["source_note"] = "the earlier checkpoint at this path, which this one replaces"
+    if warm:  # what the source cost: warm starts count in the budget
+        info["warm_start"] = warm | {"chain": chain, "source_train_seconds": chain_totals(chain)["train_seconds"]}
+        if Path(warm["source"]).resolve() == Path(args.out).resolve():  # a later stage shipped over its own warm start
+            info["warm_start"]["source_note"] = "the earlier checkpoint at this path, which this one replaces"
     _write_training(args.out, info)
     print(f"wrote {args.out} from {run}")
     return 0
@@ -480,7 +478,10 @@ def _default_results(checkpoint: str | Path, task: str) -> Path:
     its ``checkpoints/`` folder sits in (``checkpoints/recall-namm`` -> ``docs/results/recall/namm.json``)."""
     folder = Path(checkpoint)
     design = json.loads((folder / "config.json").read_text())["memory"]
-    found = folder.resolve().parent.parent / "docs" / "results" / task / f"{results_stem(folder, design, task)}.json"
+    record = folder / "training.json"
+    trained_on = json.loads(record.read_text()).get("task") if record.is_file() else None
+    results = "booksum-events" if trained_on == "booksum-synthetic" else task  # books with known events have their own folder
+    found = folder.resolve().parent.parent / "docs" / "results" / results / f"{results_stem(folder, design, task)}.json"
     with contextlib.suppress(ValueError):  # relative to the working folder where it lies below it (the card cites it)
         found = found.relative_to(Path.cwd())
     return found

@@ -37,20 +37,28 @@ def test_the_summary_shows_a_control_of_the_same_weights_only(tmp_path, monkeypa
 
 
 def test_a_checkpoint_below_the_tasks_budget_is_flagged(tmp_path, monkeypatch):
-    """Tokens are the run's own (recorded, or counted from its curriculum); below the backbone's last stage: flagged."""
+    """Tokens are the run's own (recorded, or counted from its curriculum) plus the same task's warm starts; below the
+    most any shipped checkpoint of the task has had: flagged. Other tasks' tokens are shown apart."""
     gen = load_gen_pages()
     monkeypatch.setattr(gen, "ROOT", tmp_path)
     curriculum = [{"until": 1.0, "n_tokens": 1000, "batch_size": 2}]
-    backbone = tmp_path / "checkpoints" / "passkey-full"
-    backbone.mkdir(parents=True)
-    record = {"steps": 10, "train": {"steps": 10}, "curriculum": curriculum, "train_seconds": 60}
-    (backbone / "training.json").write_text(json.dumps(record))
-    monkeypatch.setattr(gen, "BUDGET_RECORD", backbone / "training.json")
-    short = tmp_path / "short"
-    short.mkdir()
-    (short / "training.json").write_text(json.dumps(record | {"steps": 4}))
-    assert gen.training_budget("short") == "4 steps × 2.0K tokens = 0.0M tokens **below the task's budget**, 1 min"
+    record = {"task": "passkey", "steps": 10, "train": {"steps": 10}, "curriculum": curriculum, "train_seconds": 60}
+    for name, info in {"passkey-full": record, "short": record | {"steps": 4}}.items():
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "training.json").write_text(json.dumps(info))
+    assert gen.training_budget("checkpoints/short") == "4 steps × 2.0K tokens = 0.0M tokens **below the task's budget of 0.0M**, 1 min"
     assert gen.training_budget("checkpoints/passkey-full") == "10 steps × 2.0K tokens = 0.0M tokens, 1 min"
+    assert gen.task_budget("passkey") == 20_000
+    stage = {"source": "checkpoints/passkey-full", "steps": 10, "tokens": 20_000, "train_seconds": 60}
+    warm = {"source": "checkpoints/passkey-full", "copied": 3, "kept_init": [], "chain": [stage | {"task": "passkey"}]}
+    (tmp_path / "checkpoints" / "longer").mkdir()
+    (tmp_path / "checkpoints" / "longer" / "training.json").write_text(json.dumps(record | {"warm_start": warm}))
+    assert gen.training_budget("checkpoints/longer") == (
+        "10 steps × 2.0K tokens = 0.0M tokens; 0.0M on this task with its warm starts, 2 min (warm from `checkpoints/passkey-full`)")
+    assert gen.task_budget("passkey") == 40_000 and "below the task's budget" in gen.training_budget("checkpoints/passkey-full")
+    warm["chain"][0]["task"] = "recall"  # a backbone trained on another task: its tokens shown apart, not counted
+    (tmp_path / "checkpoints" / "longer" / "training.json").write_text(json.dumps(record | {"warm_start": warm}))
+    assert "(+0.0M on other tasks)" in gen.training_budget("checkpoints/longer") and gen.task_budget("passkey") == 20_000
 
 
 def test_the_booksum_table_groups_books_by_length_and_draws_them(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ import yaml
 
 from ..registry import build
 from ..tokenization import tokenizer as default_tokenizer
+from .budget import task_curriculum, warm_chain
 from .resume import truncate_log
 from .trainer import BatchFn, TrainConfig, Trainer
 from .warm_start import warm_start
@@ -115,7 +116,7 @@ def _passkey_batch_fn(task: dict, steps: int) -> BatchFn:
     from ..tasks.passkey import make_training_batch
 
     tok = default_tokenizer()
-    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 1024), "batch_size": task.get("batch_size", 8)}]
+    curriculum = task_curriculum(task)
     options = {k: task[k] for k in ("needle_near_end_prob", "answer_weight", "copy_weight", "other_weight", "digits") if k in task}
 
     def batch_fn(step: int, generator) -> dict:
@@ -129,7 +130,7 @@ def _booksum_batch_fn(task: dict, steps: int) -> BatchFn:
     from ..tasks.booksum_eval import make_booksum_training_batch
 
     tok = default_tokenizer()
-    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 2048), "batch_size": task.get("batch_size", 4)}]
+    curriculum = task_curriculum(task)
     options = {k: task[k] for k in ("n_events", "n_chapters", "prompt", "summary_weight", "other_weight") if k in task}
 
     def batch_fn(step: int, generator) -> dict:
@@ -147,7 +148,7 @@ def _booksum_data_batch_fn(task: dict, steps: int) -> BatchFn:
     tok = default_tokenizer()
     names = ("split", "level", "path", "hub_id", "text_column", "summary_column", "limit", "cache_dir")
     examples = load_booksum(**{"split": "train"} | {k: task[k] for k in names if k in task})
-    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 8192), "batch_size": task.get("batch_size", 1)}]
+    curriculum = task_curriculum(task)
     options = {k: task[k] for k in ("prompt", "summary_weight", "other_weight") if k in task}
 
     def batch_fn(step: int, generator) -> dict:
@@ -161,7 +162,7 @@ def _recall_batch_fn(task: dict, steps: int) -> BatchFn:
     from ..tasks.recall import make_recall_training_batch
 
     tok = default_tokenizer()
-    curriculum = task.get("curriculum") or [{"until": 1.0, "n_tokens": task.get("n_tokens", 2048), "batch_size": task.get("batch_size", 4)}]
+    curriculum = task_curriculum(task)
     names = ("ks", "overwrite_prob", "key_len", "value_len", "answer_weight", "other_weight")
     options = {k: task[k] for k in names if k in task}
 
@@ -313,6 +314,7 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     model_cfg = dict(recipe["model"])
     model = build(model_cfg.pop("memory"), **model_cfg)
     warm = warm_start(model, train_cfg.init_from) if train_cfg.init_from else None  # a resume then overwrites it
+    chain = warm_chain(train_cfg.init_from) if warm is not None else []
     trainer = Trainer(model, train_cfg, make_batch_fn(recipe["task"], train_cfg.steps), out_dir=out_dir,
                       run={"model": recipe["model"], "task": recipe["task"]}, allow_changed=allow_changed)  # fmt: skip
     start = time.perf_counter()
@@ -325,7 +327,10 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     summary = {
         "recipe": recipe["name"],
         "memory": recipe["model"]["memory"],
+        "task": recipe["task"]["name"],
         "steps": trainer.step,
+        # the budget the comparison counts: optimiser steps x tokens per step (this run's own)
+        "tokens": curriculum_tokens(task_curriculum(recipe["task"]), trainer.step, train_cfg.steps),
         "train_seconds": round(trainer.train_seconds, 1),
         "wall_s_this_call": round(wall, 1),
         "final_loss": history[-1]["loss"] if history else last_logged.get("loss"),
@@ -337,8 +342,9 @@ def train_recipe(recipe: dict, out_dir: str | Path, *, resume: bool = True, prog
     }
     if trainer.changes:
         summary["changed_on_resume"] = trainer.changes
-    if warm is not None:
-        summary["warm_start"] = {"source": warm["source"], "copied": len(warm["copied"]), "kept_init": warm["kept_init"]}
+    if warm is not None:  # with every stage behind the source, read before anything could replace it
+        summary["warm_start"] = {"source": warm["source"], "copied": len(warm["copied"]), "kept_init": warm["kept_init"],
+                                 "chain": chain}  # fmt: skip
     if trainer.rank == 0:
         (out_dir / "run.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -103,7 +103,7 @@ class _Oracle(torch.nn.Module):
     def init_state(self, b, device=None):
         return _Pos(torch.zeros((), dtype=torch.long))
 
-    def stream(self, ids, segment_len, state):
+    def stream(self, ids, segment_len, state, progress=False):
         return type("Out", (), {"state": _Pos(state.pos + ids.shape[1])})()
 
     def forward(self, ids, state):

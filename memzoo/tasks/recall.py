@@ -284,8 +284,11 @@ def recall_cell_rows(
 
 
 @torch.no_grad()
-def _score_cell(model, rows: list[RecallRow], tok: Any, segment_len: int) -> tuple[list[list[bool]], list[list[float]], Any]:
-    """Streams the rows' common prefix (up to the query block), then reads every query block in one call.
+def _score_cell(
+    model, rows: list[RecallRow], tok: Any, segment_len: int, progress: bool = False
+) -> tuple[list[list[bool]], list[list[float]], Any]:
+    """Streams the rows' common prefix (up to the query block; ``progress``: a bar over its tokens), then reads
+    every query block in one call.
 
     Returns per row: each query's correctness, each query's mean value cross-entropy; and the state
     after the prefix.
@@ -300,7 +303,7 @@ def _score_cell(model, rows: list[RecallRow], tok: Any, segment_len: int) -> tup
     state = model.init_state(len(rows), device=device)
     # the prefix but its last token, which is read with the queries: its logits predict the block's first token
     if start > 1:
-        state = model.stream(ids[:, : start - 1], segment_len, state=state).state
+        state = model.stream(ids[:, : start - 1], segment_len, state=state, progress=progress).state
     logits = model(ids[:, start - 1 : -1], state=state).logits.float()  # [b, tail, vocab]: position t predicts ids[:, start + t]
     targets = ids[:, start:]
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [b, tail]
@@ -364,7 +367,8 @@ def evaluate_recall(
             began = time.perf_counter()
             rows = recall_cell_rows(gap, ks, seed, overwrite=variant == "overwrite", min_queries=min_queries,
                                     key_len=key_len, value_len=value_len)  # fmt: skip
-            correct, losses, state = _score_cell(model, rows, tok, segment_len)
+            # a cell of a long gap streams for minutes: its own bar shows where it is (cells of 64K and more)
+            correct, losses, state = _score_cell(model, rows, tok, segment_len, progress=progress and gap >= 65536)
             seconds = time.perf_counter() - began
             state_bytes = state.nbytes() // len(rows)
             for k in ks:

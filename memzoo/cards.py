@@ -125,13 +125,12 @@ def _budget_lines(training: dict) -> list[str]:
 
 def _chain_lines(training: dict) -> list[str]:
     """Every stage the warm starts put behind this run, and the budget they add up to (warm starts count)."""
-    from .training.budget import chain_totals
+    from .training.budget import chain_totals, stage
 
     chain = training.get("warm_start", {}).get("chain")
     if not chain:
         return []
-    chain = [*chain, {"source": training.get("recipe_file", "this run"), "task": training.get("task"), "steps": training.get("steps"),
-                      "tokens": training.get("tokens"), "train_seconds": training.get("train_seconds")}]  # fmt: skip
+    chain = [*chain, stage(training, training.get("recipe_file", "this run"))]
     on_task, everything = chain_totals(chain, training.get("task")), chain_totals(chain)
     other = everything["tokens"] - on_task["tokens"]
     lines = [f"- with its warm starts: {on_task['steps']:,} steps = {on_task['tokens'] / 1e6:.2f}M tokens on this task"

@@ -48,14 +48,14 @@ def record_task(record: dict, folder: str | Path) -> dict | None:
     return None
 
 
-def record_tokens(record: dict, folder: str | Path | None = None) -> int | None:
+def record_tokens(record: dict, folder: str | Path) -> int | None:
     """A record's own training tokens: as recorded, else counted from its curriculum, steps done and steps planned."""
     from .recipe import curriculum_tokens
 
     if record.get("tokens"):
         return record["tokens"]
     planned = record.get("train", {}).get("steps") if isinstance(record.get("train"), dict) else None
-    task = record_task(record, folder or ".")
+    task = record_task(record, folder)
     if task is None or not record.get("steps") or not planned or task.get("name") not in DEFAULT_SHAPES:
         return None
     return curriculum_tokens(task_curriculum(task), record["steps"], planned)

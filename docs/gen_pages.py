@@ -126,6 +126,21 @@ def fmt_int(n) -> str:
     return "—" if n is None else f"{int(n):,}"
 
 
+def indent(text: str, by: str = "    ") -> str:
+    """Every non-empty line of ``text`` indented, as the body of an admonition or a tab."""
+    return "\n".join(by + line if line.strip() else "" for line in text.splitlines())
+
+
+def collapsed(title: str, body: str, kind: str = "example") -> str:
+    """A closed ``??? kind "title"`` block (pymdownx.details): one line on the page until clicked."""
+    return f'??? {kind} "{title}"\n\n' + indent(body)
+
+
+def tabs(items: list[tuple[str, str]]) -> str:
+    """One ``=== "label"`` tab per ``(label, body)`` (pymdownx.tabbed): a set of figures in the space of one."""
+    return "\n\n".join(f'=== "{label}"\n\n' + indent(body) for label, body in items)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
 
@@ -566,18 +581,13 @@ def passkey_section() -> str:
     figure_results = [r for _, _, r in valid] + [c for _, c in paired]
     figure_labels = [path.stem for path, _, _ in valid] + [stem for stem, _ in paired]
     passkey_comparison(figure_results, FIG / "passkey_accuracy_vs_length.png", labels=figure_labels)
-    parts.append(
-        "![passkey accuracy against prompt length, one panel per family](generated/figures/passkey_accuracy_vs_length.png)\n\n"
-        "Accuracy with the needle at depths < 1 (outside every design's local window), one panel per family; dashed: the "
-        "same checkpoint with its memory off, where measured."
-    )
-
-    heat = ["### Heatmaps (length × needle depth)"]
+    # the figure itself is shown under the summary table, at the top of the page
+    heat = []
     for _, label, r in sorted(valid, key=lambda t: t[1]):
         name = f"passkey_heatmap_{slug(label)}.png"
         passkey_heatmap(r, FIG / name, title=f"passkey accuracy: {label} ({r.get('n_keys', '?')} keys/cell)")
-        heat.append(f"![passkey heatmap of {label}](generated/figures/{name})")
-    parts.append("\n\n".join(heat))
+        heat.append((label, f"![passkey heatmap of {label}](generated/figures/{name})"))
+    parts.append("### Heatmaps (length × needle depth)\n\nOne tab per checkpoint.\n\n" + tabs(heat))
 
     tps = {label: _per_length(r, "tokens_per_s") for _, label, r in valid}
     _line_figure(tps, "tokens/s (streaming the prompt)", FIG / "passkey_tokens_per_s.png", log_y=True)
@@ -609,8 +619,9 @@ def passkey_section() -> str:
         )
         cmds.append(f"# {label}\n" + "\n".join(writes_into(c, path.parent) for c in r.get("commands") or [r.get("command") or cmd]))
     parts.append(
-        "### Reproduce these runs\n\nThe commands below are written from the JSON files themselves (the grid they hold); "
-        "`--segment-len` changes speed only, never the outputs.\n\n```bash\n" + "\n".join(cmds) + "\n```"
+        "### Reproduce these runs\n\n"
+        + collapsed("the commands", "The commands below are written from the JSON files themselves (the grid they hold); "
+                    "`--segment-len` changes speed only, never the outputs.\n\n```bash\n" + "\n".join(cmds) + "\n```")
     )
     if problems:
         parts.append("\n".join(f"- {p}" for p in problems))
@@ -694,7 +705,7 @@ def recall_section() -> str:
 
     cmds = [f"# {stem}\n{commands(r)}" for stem, r in sorted(mains.items())]
     cmds += [f"# {stem} (memory off)\n{commands(c)}" for stem, c in sorted(controls.items())]
-    parts.append("### Reproduce these runs\n\n```bash\n" + "\n".join(cmds) + "\n```")
+    parts.append("### Reproduce these runs\n\n" + collapsed("the commands", "```bash\n" + "\n".join(cmds) + "\n```"))
     return "\n\n".join(parts + [f"- {p}" for p in problems])
 
 
@@ -997,6 +1008,8 @@ def titans_facts_snippet() -> str:
     for p in runs:
         d = json.loads(p.read_text())
         options = " ".join(f"{k}={v}" for k, v in d["config"]["options"].items()) or "defaults"
+        if d["config"]["design"].startswith("titans"):  # runs that predate the recorded memory_config had nn.Conv1d's init
+            options += f"; conv {d.get('memory_config', {}).get('conv_init', 'uniform')}"
         acc = ", ".join(f"{m:.2f} ({k:.2f})" for m, k in zip(d["accuracy_per_query_4seg"], d["accuracy_per_query_4seg_knocked_out"]))
         far = "; ".join(f"{format_length(r['tokens'])} {r['with_memory']:.2f} ({r['knocked_out']:.2f})" for r in d["last_query"][2:])
         loss = f"{d['loss_first_last'][1]:.2f}"
@@ -1189,9 +1202,10 @@ def family(design: str) -> str:
     return "compressive" if "infini" in page else "neural memory" if "titans" in page else "eviction" if page else "?"
 
 
-def training_budget(checkpoint: str | None) -> str:
+def training_budget(checkpoint: str | None, *, short: bool = False) -> str:
     """A checkpoint's training as its ``training.json`` records it: its own steps and tokens, the tokens on the same
-    task with every warm start behind it (the budget the comparison counts), CPU minutes in all, or its source."""
+    task with every warm start behind it (the budget the comparison counts), CPU minutes in all, or its source.
+    ``short``: only the tokens on the task, warm starts counted, the minutes and the flag (a summary table's cell)."""
     from memzoo.training.budget import chain_totals, warm_chain
 
     record = ROOT / str(checkpoint) / "training.json" if checkpoint else None
@@ -1215,7 +1229,11 @@ def training_budget(checkpoint: str | None) -> str:
     notes += [] if everything["tokens_complete"] else ["some stages' tokens not recorded"]
     text += f" ({'; '.join(notes)})" if notes else ""
     budget = task_budget(own["task"])
-    if budget and on_task["tokens"] < budget:
+    below = budget and on_task["tokens"] < budget
+    if short:
+        flag = f" **below {budget / 1e6:.1f}M**" if below else ""
+        return f"{on_task['tokens'] / 1e6:.1f}M tokens, {minutes:.0f} min{flag}"
+    if below:
         text += f" **below the task's budget of {budget / 1e6:.1f}M**"
     return f"{text}, {minutes:.0f} min{warm}"
 
@@ -1268,22 +1286,30 @@ def summary_section() -> str:
             f"{_mean([c['accuracy'] for c in cells if c['depth'] == 1]):.2f}" if any(c["depth"] == 1 for c in cells) else "—",
             f"{fmt_bytes(max(c.get('state_bytes', 0) for c in at_longest))} at {format_length(longest)}",
             fmt_int(_mean([c.get("tokens_per_s") for c in at_longest])),
-            training_budget(r.get("checkpoint")),
+            training_budget(r.get("checkpoint"), short=True),
         ])  # fmt: skip
     header = ["checkpoint", "family", *[f"{format_length(n)}, depths < 1" for n in lengths], "depth 1 (local)",
               "state", "tokens/s", "training"]  # fmt: skip
     return (
         "## Summary: passkey retrieval\n\n"
-        "Accuracy with the needle far back in the prompt (depths < 1: only a memory can answer), and with the needle right "
-        "before the question (depth 1: inside every design's local window, so **a hit there is local context, not "
-        "memory**). Where a second number follows (`memory / off`), it is the same checkpoint with its memory switched off "
-        "(`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its most recent "
-        "`budget` tokens; `full` has none): a hit counts as memory only where it beats that control. State and "
-        "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: the run's own optimiser "
-        "steps and tokens, then the tokens on this task with every warm start behind it (the budget the fairness rule "
-        "counts; tokens on other tasks are shown apart) and the CPU minutes of the whole chain. The task's budget is the "
-        "most any shipped, trained checkpoint of the task has had: one below it is flagged, so an unequal comparison "
-        "says so. Details, heatmaps and commands below.\n\n" + table(header, rows)
+        "Accuracy with the needle far back in the prompt (depths < 1: only a memory can answer) beside the same checkpoint "
+        "with its memory off (`memory / off`), and with the needle right before the question (depth 1: **local context, "
+        "not memory**).\n\n" + table(header, rows) + "\n\n"
+        "![passkey accuracy against prompt length, one panel per family](generated/figures/passkey_accuracy_vs_length.png)\n\n"
+        "Accuracy with the needle at depths < 1 (outside every design's local window), one panel per family; dashed: the "
+        "same checkpoint with its memory off, where measured.\n\n"
+        + collapsed(
+            "How to read this table",
+            "Where a second number follows (`memory / off`), it is the same checkpoint with its memory switched off "
+            "(`memzoo.memory_off`: the Infini and Titans memories never written, an eviction cache cut to its most recent "
+            "`budget` tokens; `full` has none): a hit counts as memory only where it beats that control. State and "
+            "tokens/s at the longest length each checkpoint was evaluated at (batch 1). Training: the "
+            "tokens on this task with every warm start behind it (the budget the fairness rule counts; each run's own "
+            "steps and tokens are on its card) and the CPU minutes of the whole chain. The task's budget is the "
+            "most any shipped, trained checkpoint of the task has had: one below it is flagged, so an unequal comparison "
+            "says so. Details, heatmaps and commands below.",
+            kind="info",
+        )
     )
 
 

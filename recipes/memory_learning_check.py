@@ -183,6 +183,7 @@ def run(cfg: CheckConfig, out: str | Path | None = None, command: str | None = N
     model.eval()
     result = {
         "config": dataclasses.asdict(cfg),
+        "memory_config": dataclasses.asdict(model.blocks[0].mixer.config),  # every option, defaults included
         "steps": trainer.step,
         "train_seconds": round(seconds, 1),
         "tokens_per_s": round(trainer.step * cfg.batch_size * n / seconds),

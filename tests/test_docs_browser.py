@@ -52,6 +52,9 @@ def test_the_comparison_page_renders_its_summary_table_and_figure(page, tmp_path
     table = dom[summary : dom.find("</table>", summary)]
     assert table.count("<tr") >= 3, "the summary table has no rows"  # a header and the checkpoints
     assert "passkey_accuracy_vs_length.png" in dom, "the comparison figure is not on the page"
+    next_section = dom.find("<h2", summary + 1)
+    figure = dom.find("passkey_accuracy_vs_length.png")
+    assert next_section == -1 or figure < next_section, "the comparison figure is not in the summary, under its table"
     assert (SITE / "generated" / "figures" / "passkey_accuracy_vs_length.png").is_file()
 
     shot = tmp_path / "first-screen.png"

@@ -27,6 +27,7 @@ from memzoo.memories.titans import (
 )
 from memzoo.ops.rope import apply_rope
 from memzoo.ops.titans import memory_read, mlp_shapes, titans_chunked, titans_naive
+from memzoo.training.param_groups import param_groups
 
 
 # ------------------------------------------------------------------------------ ops
@@ -304,6 +305,8 @@ def perturbed(mod):
         conv = getattr(getattr(mod, "attn", None), "conv", None)
         if conv is not None:  # the attention's short conv off the identity
             conv.copy_(0.5 * torch.randn(conv.shape, generator=g))
+        # the memory's conv starts at the identity too: mix the tokens, so the references check the taps' order
+        mod.memory.conv.copy_(torch.rand(mod.memory.conv.shape, generator=g) - 0.5)
     return mod
 
 
@@ -589,6 +592,30 @@ def test_a_fresh_attention_conv_is_the_identity(x):
             outs.append(run_module(conv, x, [5, 9])[0])
     # the identity taps give the projections to rounding (conv1d's own summation), the memory then amplifies
     assert_close(outs[1], outs[0], **placement_op(mod))
+
+
+def test_the_memory_conv_starts_as_the_identity_outside_weight_decay(x):
+    """conv_init="identity" (the default): each token's q/k/v start as its own projection, exactly (the taps
+    are 0 and 1, exact in any float), and the taps are exempt from weight decay; "uniform" is nn.Conv1d's
+    init, mixing the tokens, with the default decay."""
+    mem = NeuralMemory(D, H, TitansConfig(**SMALL))
+    context = torch.zeros(2, mem.config.conv_kernel - 1, 3 * D)
+    y, _ = mem._project(x, context, slice(None))
+    assert torch.equal(y, F.silu(F.linear(x, mem.qkv.weight)))
+    uniform = NeuralMemory(D, H, TitansConfig(**SMALL, conv_init="uniform"))
+    uniform.qkv.load_state_dict(mem.qkv.state_dict())
+    y_uniform, _ = uniform._project(x, context, slice(None))
+    assert (y_uniform - y).abs().max() > 0.1  # the mixing conv moves the projections by their own scale
+    bound = uniform.config.conv_kernel**-0.5
+    assert uniform.conv.abs().max() <= bound and uniform.conv[:, :-1].abs().max() > 0
+
+    def conv_decay(memory):
+        (group,) = [g for g in param_groups(memory, lr=1e-3, weight_decay=0.1) if any(p is memory.conv for p in g["params"])]
+        return group["weight_decay"]
+
+    assert conv_decay(mem) == 0.0 and conv_decay(uniform) == 0.1
+    with pytest.raises(ValueError, match="conv_init"):
+        TitansConfig(conv_init="zeros")
 
 
 def test_config_errors():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .io import write_text_atomic
 from .plots import format_length
 
 __all__ = ["write_card", "accuracy_table", "recall_table", "rouge_table", "describe_curriculum"]
@@ -314,6 +315,4 @@ def write_card(checkpoint: str | Path, results_path: str | Path | None = None, t
             ]
     else:
         lines.append("Not measured yet.")
-    path = checkpoint / "README.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(checkpoint / "README.md", "\n".join(lines) + "\n")

@@ -369,8 +369,8 @@ def _print_table(all_results: list[dict]) -> None:
         "hit there is local context, not memory. Only the depths < 1 (the needle far back) test the memory, and only\n"
         "where they beat the memory-off control (the line below a design: its memory switched off, local context kept):\n"
     )
-    print("accuracy at depths < 1 (memory) by length | at depth 1 (local context) | state MiB and tokens/s")
-    print(f"{'design':{w}s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}")
+    print("accuracy at depths < 1 (memory) by length | at depth 1 (local context) | state MiB and tokens/s | what answers")
+    print(f"{'design':{w}s} {columns}   {'depth 1':>7s}   {'state MiB':>9s}   {'tokens/s':>8s}   verdict")
 
     def accuracy_row(r: dict) -> str:
         far = " ".join(fmt(_mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1])) for n in lengths)
@@ -380,7 +380,8 @@ def _print_table(all_results: list[dict]) -> None:
         longest = [c for c in r["cells"] if c["length"] == max(c["length"] for c in r["cells"])]
         state = max((c.get("state_bytes", 0) for c in longest), default=0)
         speed = _mean([c["tokens_per_s"] for c in longest if "tokens_per_s" in c])
-        print(f"{label(r):{w}s} {accuracy_row(r)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}")
+        verdict = "" if r.get("memory_off") else "   " + _verdict(r, controls.get(design(r)))
+        print(f"{label(r):{w}s} {accuracy_row(r)}   {state / 2**20:9.1f}   {speed or 0:8,.0f}{verdict}")
         if r.get("memory_off"):
             continue
         if design(r) in controls:
@@ -390,6 +391,26 @@ def _print_table(all_results: list[dict]) -> None:
     measured = any(r.get("memory_off") for r in all_results)
     note = "" if measured else "; no memory-off control measured (memzoo passkey compare measures it unless --no-control)"
     print(f"(state and tokens/s at each design's longest length, batch 1{note})")
+
+
+def _verdict(result: dict, control: dict | None, margin: float = 0.1) -> str:
+    """What answers a design's passkey cells, in words: its memory where some length's depths < 1 beat the
+    memory-off control by more than ``margin``; local context where only depth 1 is answered."""
+    from memzoo.units import format_length
+
+    def far(r: dict, n: int) -> float:
+        return _mean([c["accuracy"] for c in r["cells"] if c["length"] == n and c["depth"] < 1]) or 0.0
+
+    lengths = sorted({c["length"] for c in result["cells"] if c["depth"] < 1})
+    local = _mean([c["accuracy"] for c in result["cells"] if c["depth"] == 1]) or 0.0
+    if control is None:
+        beyond = [n for n in lengths if far(result, n) > margin]
+        return f"depths < 1 answered to {format_length(beyond[-1])} (no control)" if beyond else (
+            "local context only" if local > margin else "nothing")  # fmt: skip
+    wins = [n for n in lengths if far(result, n) > far(control, n) + margin]
+    if wins:
+        return f"memory (beats its control to {format_length(wins[-1])})"
+    return "local context only" if local > margin else "nothing"
 
 
 def _cmd_derive(args: argparse.Namespace) -> int:
@@ -434,7 +455,9 @@ def _stored_dtype(bf16: bool):
 
 
 def _write_training(checkpoint: str | Path, info: dict) -> None:
-    (Path(checkpoint) / "training.json").write_text(json.dumps(info, indent=1))
+    from memzoo.io import write_text_atomic
+
+    write_text_atomic(Path(checkpoint) / "training.json", json.dumps(info, indent=1))
 
 
 def _cmd_ship(args: argparse.Namespace) -> int:

@@ -180,6 +180,8 @@ def test_the_main_table_separates_memory_from_local_context(capsys):
     assert "local context, not memory" in memory
     assert "memory off" not in memory.split("accuracy at depths")[1].split("(state")[0]  # no control measured: no line
     assert "no memory-off control measured" in memory
+    window, namm = (next(line for line in memory.splitlines() if line.startswith(d + " ")) for d in ("window", "namm"))
+    assert window.endswith("local context only") and namm.endswith("depths < 1 answered to 4K (no control)")
 
 
 def test_the_main_table_puts_each_designs_memory_off_control_below_it(capsys):
@@ -197,6 +199,19 @@ def test_the_main_table_puts_each_designs_memory_off_control_below_it(capsys):
     assert lines[namm + 1] == "  memory off   0.00   0.00      1.00"  # the control, right below the design
     assert "  memory off (none: it keeps every token)" in memory  # full has none, and says why
     assert sum(line.startswith("namm") for line in lines) == 1  # the control is no row of its own
+    assert lines[namm].endswith("memory (beats its control to 4K)")  # 1.00 against the control's 0.00
+
+
+def test_the_verdict_credits_the_memory_only_above_its_control():
+    from memzoo.cli import _verdict
+
+    def result(far: float, near: float) -> dict:
+        return {"cells": [{"length": n, "depth": d, "accuracy": near if d == 1 else (far if n == 1024 else 0.0)}
+                          for n in (1024, 4096) for d in (0.0, 1.0)]}  # fmt: skip
+
+    assert _verdict(result(0.5, 1.0), result(0.45, 1.0)) == "local context only"  # within the margin of its control
+    assert _verdict(result(0.5, 1.0), result(0.0, 1.0)) == "memory (beats its control to 1K)"
+    assert _verdict(result(0.0, 0.0), result(0.0, 0.0)) == "nothing"
 
 
 def test_a_whole_jobs_eta_comes_from_the_items_done(monkeypatch):

@@ -90,11 +90,14 @@ def _existing_file(text: str) -> str:
 
 
 def _check_designs(names: list[str]) -> None:
-    """Unknown registry names: one line with the did-you-mean, before any model is built."""
-    from memzoo.registry import memory_config
+    """Unknown registry names: one line with the did-you-mean, before any model is built (and before torch is
+    imported: the names come from the catalog the registry writes)."""
+    from memzoo.validation import unknown_name
 
+    designs = json.loads(Path(__file__).with_name("catalog.json").read_text())
     for name in names:
-        memory_config(name)
+        if name not in designs:
+            raise unknown_name("memory", name, list(designs))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

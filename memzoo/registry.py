@@ -14,7 +14,6 @@ that make it that design (torchtune-style: builders fix numbers, constructors st
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from .config import BACKBONE_FIELDS, MemZooConfig
 from .interface import MemoryConfig
+from .validation import unknown_name
 
 __all__ = ["register", "available", "memory_config", "build", "swap_memory", "catalog", "CATALOG", "WEIGHT_SHAPING_OPTIONS"]
 
@@ -61,10 +61,7 @@ def available() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in _builders():
-        by_lower = {n.lower(): n for n in _BUILDERS}  # case-insensitive: "Titans-MAC" -> 'titans-mac'
-        close = difflib.get_close_matches(str(name).lower(), by_lower, n=1)
-        hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
-        raise ValueError(f"unknown memory {name!r}; {hint}available: {', '.join(available())}")
+        raise unknown_name("memory", name, available())
 
 
 def memory_config(name: str, **overrides: Any) -> MemoryConfig:

@@ -15,6 +15,7 @@ config rather than a dataclass, use :func:`check_value` directly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -77,3 +78,12 @@ def _is(value: Any, kind: Any) -> bool:
 
 def _article(word: str) -> str:
     return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def unknown_name(kind: str, name: str, names: list[str]) -> ValueError:
+    """The error for an unknown ``name`` among ``names``: a case-insensitive did-you-mean, then the list
+    (torch-free, so the CLI can check a design's name before importing anything heavy)."""
+    by_lower = {n.lower(): n for n in names}  # "Titans-MAC" -> 'titans-mac'
+    close = difflib.get_close_matches(str(name).lower(), by_lower, n=1)
+    hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
+    return ValueError(f"unknown {kind} {name!r}; {hint}available: {', '.join(sorted(names))}")

@@ -253,3 +253,11 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     p.stdout.close()  # before the command has written anything: its first write meets a closed pipe
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
+def test_a_misspelt_design_is_refused_before_torch_is_imported():
+    """`memzoo demo --designs windw`: one line with the case-insensitive did-you-mean, from the catalog, no torch."""
+    code = ("import sys\nfrom memzoo.cli import _check_designs\ntry:\n    _check_designs(['Windw'])\n"
+            "except ValueError as e:\n    print(e)\nprint('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("unknown memory 'Windw'; did you mean 'window'?") and out[1] == "False"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import shlex
@@ -78,6 +79,8 @@ def _checkpoint(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r} is a training run's save, not a checkpoint: pass {str(folder / 'model')!r}")
         shipped = sorted(str(p) for p in Path("checkpoints").glob("*") if (p / "config.json").is_file())
         hint = f"; shipped ones: {', '.join(shipped)}" if shipped else " (run from the repository root to use the shipped ones)"
+        close = difflib.get_close_matches(str(folder), shipped, n=1)
+        hint = (f"; did you mean {close[0]!r}?" if close else "") + hint
         what = "no such folder" if not folder.exists() else "no config.json in it"
         raise argparse.ArgumentTypeError(f"{text!r} is not a memzoo checkpoint ({what}){hint}")
     return text

@@ -102,9 +102,10 @@ def test_a_runs_save_is_refused_with_the_folder_to_pass(tmp_path, capsys):
         (["passkey", "probe", "--checkpoint", "checkpoints/passkey-namm", "--rows", "0"], "at least 1, got 0"),
         (["passkey", "eval", "--checkpoint", "checkpoints/passkey-namm", "--lengths", "4Q"], "16K or 1M"),
         (["passkey", "eval", "--checkpoint", "no/such/folder"], "not a memzoo checkpoint \\(no such folder\\)"),
+        (["passkey", "eval", "--checkpoint", "checkpoints/passkey-namn"], "did you mean 'checkpoints/passkey-namm'\\?"),
         (["passkey", "train", "--config", "no-such.yaml"], "no such file"),
     ],
-    ids=["depth", "rows", "length", "checkpoint", "config"],
+    ids=["depth", "rows", "length", "checkpoint", "misspelt-checkpoint", "config"],
 )
 def test_bad_arguments_are_refused_while_parsing(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -378,8 +378,12 @@ class _Results:
             os.close(fd)
 
 
+_START = time.perf_counter()
+
+
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    """One progress line, prefixed with the minutes since the bench started."""
+    print(f"[{(time.perf_counter() - _START) / 60:5.1f} min] {msg}", flush=True)
 
 
 def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, sections: list[str] | None = None,
@@ -390,6 +394,8 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
     all with ``cfg["threads"]`` torch threads.
     Measurements already in ``OUT/bench.json`` are kept and skipped; ``fresh`` measures the asked ones again (others are kept).
     """
+    global _START
+    _START = time.perf_counter()
     out = Path(out)
     res = _Results(out / "bench.json", fresh)
     threads, model = int(cfg.get("threads", 1)), dict(cfg.get("model", {}))
@@ -485,6 +491,8 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
                     res.add("stream_skipped", note)
                     _say(f"stream   {d:14s} {n:>8d}: skipped (estimated {estimate:.0f} s > {limits[n]:.0f} s)")
                     break
+                if estimate and (res.fresh or not res.has("stream", design=d, tokens=n, dtype="fp32")):
+                    _say(f"stream   {d:14s} {n:>8d}: starting, about {estimate / 60:.1f} min at the last length's speed")
                 prev = measure("stream", "stream", d, n, sc["segment_len"])
                 if any(_key(r) == _key({"design": d, "tokens": n}) for r in res.data.get("stream_skipped", [])):
                     res.drop("stream_skipped", _key({"design": d, "tokens": n}))

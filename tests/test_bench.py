@@ -91,3 +91,11 @@ def test_summary_ratios_and_rss_growth():
     s = summarize(data)
     assert s["peer_ratios"]["titans"]["stream_tokens_per_s"] == 3.0 and s["peer_ratios"]["titans"]["peak_rss_mib"] == 0.5
     assert s["rss_growth"]["window"]["within_10pct"] and not s["rss_growth"]["full"]["within_10pct"]
+
+
+def test_progress_lines_say_the_minutes_since_the_bench_started(capsys, monkeypatch):
+    import memzoo.bench
+
+    monkeypatch.setattr(memzoo.bench, "_START", memzoo.bench.time.perf_counter() - 90.0)
+    memzoo.bench._say("stream   window 1048576: starting")
+    assert capsys.readouterr().out.startswith("[  1.5 min] stream   window")

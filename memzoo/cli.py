@@ -92,12 +92,17 @@ def _existing_file(text: str) -> str:
     return text
 
 
+def _catalog() -> dict:
+    """The designs and their defaults, from the catalog the registry writes (``memzoo.registry.CATALOG``), without torch."""
+    return json.loads(Path(__file__).with_name("catalog.json").read_text())
+
+
 def _check_designs(names: list[str]) -> None:
     """Unknown registry names: one line with the did-you-mean, before any model is built (and before torch is
     imported: the names come from the catalog the registry writes)."""
     from memzoo.validation import unknown_name
 
-    designs = json.loads(Path(__file__).with_name("catalog.json").read_text())
+    designs = _catalog()
     for name in names:
         if name not in designs:
             raise unknown_name("memory", name, list(designs))
@@ -110,7 +115,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         designs = catalog()
     else:
-        designs = json.loads(Path(__file__).with_name("catalog.json").read_text())  # memzoo.registry.CATALOG, read without torch
+        designs = _catalog()
     width = max(map(len, designs))
     cls_width = max(len(d["config"]) for d in designs.values())
     for name, d in designs.items():

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .progress import JobClock, stream_cost
 from .units import parse_length
 
 __all__ = [
@@ -480,6 +481,10 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
         lengths = sorted(parse_length(x) for x in sc["lengths"])
         long_designs, short_max = set(sc.get("long_designs", designs)), parse_length(sc.get("short_max", max(lengths)))
         limits = {parse_length(k): float(v) for k, v in (sc.get("max_seconds_at") or {}).items()}
+        planned = [(d, n) for d in designs for n in lengths if (n <= short_max or d in long_designs)
+                   and (res.fresh or not res.has("stream", design=d, tokens=n, dtype="fp32"))]  # fmt: skip
+        clock = JobClock({(d, n): stream_cost(d, [n]) for d, n in planned})  # weighed by the committed bench's speeds
+        _say(f"stream: {len(planned)} streams to measure")
         for d in designs:
             prev = None
             for n in lengths:
@@ -494,10 +499,15 @@ def run_bench(cfg: dict, out: str | Path, *, designs: list[str] | None = None, s
                 if estimate and (res.fresh or not res.has("stream", design=d, tokens=n, dtype="fp32")):
                     _say(f"stream   {d:14s} {n:>8d}: starting, about {estimate / 60:.1f} min at the last length's speed")
                 prev = measure("stream", "stream", d, n, sc["segment_len"])
+                if (d, n) in clock.todo:
+                    clock.finish((d, n))
+                    _say(f"stream: {clock.done}/{clock.done + len(clock.todo)} streams done{clock.status()}")
                 if any(_key(r) == _key({"design": d, "tokens": n}) for r in res.data.get("stream_skipped", [])):
                     res.drop("stream_skipped", _key({"design": d, "tokens": n}))
                 if "error" in prev:
                     break
+            for cell in [c for c in clock.todo if c[0] == d]:  # the lengths a skip or an error left unmeasured
+                clock.drop(cell)
     res.set("summary", summarize(res.data))
     bench_figures(res.data, out)
     return res.data

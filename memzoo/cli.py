@@ -278,14 +278,31 @@ def _load_for_eval(path: str, memory_off: bool) -> tuple:
     return model, {"memory_off": True, "memory_off_means": means}
 
 
-def _evaluate_all(paths: list[str], args: argparse.Namespace, evaluate) -> list[dict]:
+def _part_cost(path: str, memory_off: bool, lengths: list[int]) -> float:
+    """A checkpoint's relative evaluation cost for the whole job's ETA (:mod:`memzoo.progress`): its design's
+    bench speed at these lengths; an eviction cache's control streams like ``window``, and ``full`` has none."""
+    from memzoo.progress import stream_cost
+
+    design = json.loads((Path(path) / "config.json").read_text())["memory"]
+    if memory_off and design == "full":
+        return 0.0
+    if memory_off and "budget" in _catalog().get(design, {}).get("defaults", {}):
+        design = "window"
+    return stream_cost(design, lengths)
+
+
+def _evaluate_all(paths: list[str], args: argparse.Namespace, evaluate, lengths: list[int]) -> list[dict]:
     """``evaluate(path, args, memory_off=...)`` for each checkpoint, then its control unless ``--no-control``,
-    with the whole job's ETA; the controls a design lacks (``full``) are left out."""
-    results, start = [], time.perf_counter()
+    with the whole job's ETA (parts weighed by their designs' speeds at ``lengths``); the controls a design
+    lacks (``full``) are left out."""
+    from memzoo.progress import JobClock
+
     jobs = [(path, off) for path in paths for off in ([False, True] if args.control else [args.memory_off])]
+    clock, results = JobClock({i: _part_cost(*job, lengths) for i, job in enumerate(jobs)}), []
     for i, (path, off) in enumerate(jobs):
-        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{_eta(start, i, len(jobs))}", flush=True)
+        print(f"== [{i + 1}/{len(jobs)}] {path}{' (memory off)' if off else ''}{clock.status()}", flush=True)
         results.append(evaluate(path, args, memory_off=off))
+        clock.finish(i)
     return [r for r in results if r is not None]
 
 
@@ -336,14 +353,6 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, *, memory_off: boo
     save_results(results, out_json)
     passkey_heatmap(results, out_json.with_suffix(".png"))
     return results
-
-
-def _eta(start: float, done: int, total: int) -> str:
-    """', 3 min so far, about 5 min left' for a job of ``total`` like items, ``done`` of them finished."""
-    if done == 0:
-        return ""
-    elapsed = time.perf_counter() - start
-    return f" ({elapsed / 60:.1f} min so far, about {elapsed / done * (total - done) / 60:.1f} min left)"
 
 
 def _mean(values: list[float]) -> float | None:
@@ -586,7 +595,7 @@ def _cmd_passkey_compare(args: argparse.Namespace) -> int:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
     if args.full_grid:
         args.lengths, args.depths, args.n_keys = DEFAULT_LENGTHS, DEFAULT_DEPTHS, max(args.n_keys, 5)
-    all_results = _evaluate_all(paths, args, _evaluate_checkpoint)
+    all_results = _evaluate_all(paths, args, _evaluate_checkpoint, _lengths(args))
     labels = [Path(r.get("checkpoint", r["design"])).name.removeprefix("passkey-") for r in all_results]
     figure = passkey_comparison(all_results, Path(args.out) / "comparison.png", labels=labels)
     _print_table(all_results)
@@ -705,7 +714,7 @@ def _cmd_recall_compare(args: argparse.Namespace) -> int:
     paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("recall-*") if (p / "config.json").is_file())
     if not paths:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
-    all_results = _evaluate_all(paths, args, _evaluate_recall_checkpoint)
+    all_results = _evaluate_all(paths, args, _evaluate_recall_checkpoint, _gaps(args))
     labels = [results_stem(r["checkpoint"], r["design"], "recall") for r in all_results]
     figures = [recall_comparison(all_results, Path(args.out) / f"comparison-{v}.png", labels=labels, variant=v) for v in args.variants]
     gap = max(g for g in _gaps(args) if g <= 16384) if min(_gaps(args)) <= 16384 else min(_gaps(args))
@@ -824,11 +833,15 @@ def _cmd_booksum_compare(args: argparse.Namespace) -> int:
     paths = args.checkpoints or sorted(str(p) for p in Path("checkpoints").glob("booksum-*") if (p / "config.json").is_file())
     if not paths:
         raise SystemExit("no checkpoints found: pass --checkpoints DIR [DIR ...] or run from the repository root")
+    from memzoo.progress import JobClock
+
     books, data = _booksum_books(args)  # the same books for every checkpoint
-    all_results, start = [], time.perf_counter()
+    lengths = [len(b.text) for b in books] if data["source"] == "booksum" else [n for n in data["lengths"] for _ in data["seeds"]]
+    clock, all_results = JobClock({i: _part_cost(path, False, lengths) for i, path in enumerate(paths)}), []
     for i, path in enumerate(paths):
-        print(f"== [{i + 1}/{len(paths)}] {path}{_eta(start, i, len(paths))}", flush=True)
+        print(f"== [{i + 1}/{len(paths)}] {path}{clock.status()}", flush=True)
         all_results.append(_evaluate_booksum_model(books, data, args, checkpoint=path))
+        clock.finish(i)
     _print_rouge_table(all_results)
     return 0
 

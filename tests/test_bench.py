@@ -32,7 +32,7 @@ def test_unknown_section_says_what_is_valid(tmp_path):
         load_config(bad)
 
 
-def test_quick_bench_tiny(tmp_path):
+def test_quick_bench_tiny(tmp_path, capsys):
     """peak, forward, train and one streamed length in a fresh subprocess: JSON, figures, table (< 30 s)."""
     cfg = load_config(CONFIG, quick=True) | {
         "designs": ["window"],
@@ -46,6 +46,8 @@ def test_quick_bench_tiny(tmp_path):
     ballast = bytearray(300 * 2**20)  # this process's peak now exceeds a bare child's by far
     ballast[::4096] = b"x" * len(ballast[::4096])
     data = run_bench(cfg, tmp_path, sections=["peak", "forward", "train", "bf16", "stream"])
+    said = capsys.readouterr().out
+    assert "stream: 1 streams to measure" in said and "stream: 1/1 streams done (" in said  # the whole job's clock
     saved = json.loads((tmp_path / "bench.json").read_text())
     (stream,) = saved["stream"]
     assert "error" not in stream, stream

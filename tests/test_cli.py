@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -215,12 +216,22 @@ def test_the_verdict_credits_the_memory_only_above_its_control():
     assert _verdict(result(0.0, 0.0), result(0.0, 0.0)) == "nothing"
 
 
-def test_a_whole_jobs_eta_comes_from_the_items_done(monkeypatch):
-    import memzoo.cli
+def test_a_compares_parts_are_weighed_by_what_they_stream(tmp_path):
+    """An eviction cache's control streams like ``window``; ``full`` has no control (cost 0); the others
+    cost their own design's bench seconds at the job's lengths."""
+    from memzoo.cli import _part_cost
+    from memzoo.progress import stream_cost
 
-    monkeypatch.setattr(memzoo.cli.time, "perf_counter", lambda: 180.0)  # 3 minutes after start = 0
-    assert memzoo.cli._eta(0.0, 0, 4) == ""  # nothing done: no estimate yet
-    assert memzoo.cli._eta(0.0, 1, 4) == " (3.0 min so far, about 9.0 min left)"
+    def checkpoint(design: str) -> str:
+        (tmp_path / design).mkdir()
+        (tmp_path / design / "config.json").write_text(json.dumps({"memory": design}))
+        return str(tmp_path / design)
+
+    lengths = [4096, 65536]
+    assert _part_cost(checkpoint("namm"), False, lengths) == stream_cost("namm", lengths)
+    assert _part_cost(str(tmp_path / "namm"), True, lengths) == stream_cost("window", lengths)
+    assert _part_cost(checkpoint("full"), True, lengths) == 0.0
+    assert _part_cost(checkpoint("infini"), True, lengths) == stream_cost("infini", lengths)
 
 
 def test_list_answers_from_the_catalog_without_torch():

@@ -65,12 +65,17 @@ def test_the_booksum_table_groups_books_by_length_and_draws_them(tmp_path, monke
     gen = load_gen_pages()
     monkeypatch.setattr(gen, "RESULTS", tmp_path)
     monkeypatch.setattr(gen, "FIG", tmp_path / "figures")
-    assert "Not measured yet" in gen.booksum_events_section()
+    assert "Not measured yet" in gen.booksum_events_section([])
     books = [{"id": f"synthetic-{seed}-{n}", "event_recall": recall, "overall": 50.0, "state_bytes": 100}
              for seed, n, recall in ((0, 4096, 1.0), (1, 4096, 0.5), (0, 16384, 0.25))]  # fmt: skip
     (tmp_path / "booksum-events").mkdir()
-    (tmp_path / "booksum-events" / "window.json").write_text(json.dumps({"model": "window", "design": "window", "books": books}))
-    section = gen.booksum_events_section()
+    command = "memzoo booksum eval --checkpoint checkpoints/booksum-window"
+    record = {"model": "window", "design": "window", "books": books, "command": command}
+    (tmp_path / "booksum-events" / "window.json").write_text(json.dumps(record))
+    provenance: list[str] = []
+    section = gen.booksum_events_section(provenance)
+    # the commands go to the page's end; the section points there
+    assert command not in section and gen.SEE_PROVENANCE in section and command in provenance[0]
     # 4K: the mean of two books; 16K: one; 64K and 256K: none
     assert "| `window` (memory off) | eviction | — | **0.75** (50) | **0.25** (50) | — | — |" in section
     assert (tmp_path / "figures" / "booksum_events.png").stat().st_size > 0

@@ -1025,6 +1025,8 @@ def titans_facts_snippet() -> str:
         options = " ".join(f"{k}={v}" for k, v in d["config"]["options"].items()) or "defaults"
         if d["config"]["design"].startswith("titans"):  # runs that predate the recorded memory_config had nn.Conv1d's init
             options += f"; conv {d.get('memory_config', {}).get('conv_init', 'uniform')}"
+        if d["config"]["design"] == "titans-mac" and "write_input" not in d["config"]["options"]:  # before write_input: y alone
+            options += f"; writes {d.get('memory_config', {}).get('write_input', 'attention')}"
         acc = ", ".join(f"{m:.2f} ({k:.2f})" for m, k in zip(d["accuracy_per_query_4seg"], d["accuracy_per_query_4seg_knocked_out"]))
         far = "; ".join(f"{format_length(r['tokens'])} {r['with_memory']:.2f} ({r['knocked_out']:.2f})" for r in d["last_query"][2:])
         loss = f"{d['loss_first_last'][1]:.2f}"

@@ -378,10 +378,10 @@ def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
     kx, vx = (heads(t) for t in mod.attn.kv(x).chunk(2, dim=-1))
     kp, vp = (heads(t).expand(b, -1, -1, -1) for t in mod.attn.kv(mod.persistent[None]).chunk(2, dim=-1))
     weights = tuple(w.expand(b, *w.shape) for w in mem.init_weights)
-    ys, outs = [], []
+    ys, outs = [], []  # what the memory is written with: y, or x + y (write_input "residual")
     for s0 in range(0, x.shape[1], S):
         s1 = min(x.shape[1], s0 + S)
-        if ys:  # the memory at this segment's start: after all earlier y (a chunk boundary)
+        if ys:  # the memory at this segment's start: after all earlier writes (a chunk boundary)
             weights = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)), committed=True)[1]
         gain = mem.norm_gain[None, :, None, :]
         h = merge(memory_read(weights, qh[:, :, s0:s1], residual_norm=mem.residual_norm, gain=gain))  # eq. 21
@@ -399,8 +399,8 @@ def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
             vals = torch.cat([vp, vh[:, :, : i + 1], vx[:, :, s0 : s0 + i + 1]], dim=2)
             att.append(softmax_attend(apply_rope(q[:, :, s0 + i : s0 + i + 1], torch.tensor([n_p + S + i]), theta), keys, vals))
         y = mod.attn_out(merge(torch.cat(att, dim=2)))
-        ys.append(y)
-        reads = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)))  # eq. 24: written with norm(y), read after each write
+        ys.append(x[:, s0:s1] + y if mod.config.write_input == "residual" else y)
+        reads = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)))  # eq. 24: written with norm(.), read after each write
         outs.append(mod.out(y * 2 * torch.sigmoid(mod.read_norm(reads[:, s0:s1]))))  # eq. 25, the gate
     return torch.cat(outs, dim=1)
 
@@ -436,9 +436,10 @@ def test_lmm_matches_reference(x, max_momentum):
         assert_close(run_module(mod, x, [5, 6, 13])[0], want, **placement_op(mod))
 
 
-def test_mac_matches_reference(x):
+@pytest.mark.parametrize("write_input", ["residual", "attention"])
+def test_mac_matches_reference(x, write_input):
     torch.manual_seed(0)
-    mod = perturbed(TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, **SMALL)))
+    mod = perturbed(TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, write_input=write_input, **SMALL)))
     with torch.no_grad():
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 

@@ -37,9 +37,10 @@ Placements (section 4):
   token's query reads the memory *as it was at the segment's start*, ``h_j = M*(q_j)``; softmax
   attention of the segment over ``[persistent | h | segment]``, where token i sees every
   persistent token, ``h_j`` for ``j <= i`` and segment tokens ``j <= i`` (never a read made with
-  a later token's query); the attention output ``y`` writes the memory (as ``RMSNorm(y)``,
-  ``write_norm``), and the output is ``y * 2 sigmoid(RMSNorm(M*(y)))`` (the paper's ``y (x) M*(y)``
-  as a gate, ``output``; read after each token's write), then a projection. RoPE positions are
+  a later token's query); the attention output ``y``, added to the segment's input ``x``
+  (``write_input``), writes the memory (as ``RMSNorm(x + y)``, ``write_norm``), and the output is
+  ``y * 2 sigmoid(RMSNorm(M*(x + y)))`` (the paper's ``y (x) M*(y)`` as a gate, ``output``; read
+  after each token's write), then a projection. RoPE positions are
   segment-local: persistent 0..N_p-1, h at N_p + j, the segment at N_p + s + j.
 * ``titans-mag`` (eqs. 26-28): sliding-window attention over ``[persistent | x]`` (the persistent
   tokens stay visible to every token, as the paper's prefix mask) gated with the memory's read of
@@ -117,7 +118,7 @@ class TitansConfig(MemoryConfig):
             signed blend of the last ``kernel`` tokens: in the 4-fact learning check
             ``titans-mag`` and ``titans-lmm`` reached 0.06-0.23 started this way (0.06-0.08 with the
             memory knocked out), and they and ``titans-mal`` 0.22-0.39 started at the identity,
-            beside the delta rule's 0.30-0.36 (``titans-mac`` stays at its knocked-out score).
+            beside the delta rule's 0.30-0.36 (``titans-mac`` too once written with ``x + y``: ``write_input``).
             The paper does not say how its conv starts.
         max_lr: upper bound of the inner learning rate, ``theta_t = max_lr * sigmoid(.)``: keeps one
             surprising token from blowing the memory up. 1.0 lets a token write as strongly as a
@@ -215,6 +216,15 @@ class TitansMACConfig(TitansConfig):
         write_norm: write (and read) the memory with ``RMSNorm(y)`` instead of the attention output
             ``y`` itself, whose rms is ~0.01 at initialisation: values that small make the memory's
             writes, and so the gradients of W_V and the gates, vanish.
+        write_input: what the memory is written and read with (eqs. 24-25). ``"residual"`` (the
+            default): ``x + y``, the hidden state after the attention sub-layer in a pre-norm block
+            (x the mixer's normed input), so each key and value carries its own token as well as
+            what attention gathered. ``"attention"`` (memzoo before, the paper read literally): the
+            attention output ``y`` alone, which at initialisation is a near-uniform blend of the
+            segment: the memory's keys say nearly nothing about their token, and in the 4-fact
+            learning check ``titans-mac`` stayed at its knocked-out score (0.08 / 0.06 / 0.08),
+            and reached 0.22 / 0.21 / 0.24 with ``"residual"`` (on one seed of two; the other stays
+            at its knocked-out score).
     """
 
     segment_len: int = field(default=512, metadata=bounds(ge=1))
@@ -222,6 +232,7 @@ class TitansMACConfig(TitansConfig):
     output: str = field(default="gate", metadata=bounds(choices=("gate", "product")))
     gate_init: float = field(default=0.0, metadata=bounds(ge=0))
     write_norm: bool = True
+    write_input: str = field(default="residual", metadata=bounds(choices=("residual", "attention")))
 
     def __post_init__(self):
         super().__post_init__()
@@ -853,8 +864,9 @@ class TitansMAC(_WithPersistent):
             self.rope_theta,
         )
         y = self.attn_out(rearrange(y, "b h m k -> b m (h k)"))
-        # write the memory with y, then read it with y (eqs. 24-25): out = y (x) M*(y)
-        r, memory = self.memory(self.write_norm(y) if self.write_norm is not None else y, state.memory)
+        # write the memory with y (write_input: x + y by default), then read it with the same (eqs. 24-25): out = y (x) M*(.)
+        w = x + y if self.config.write_input == "residual" else y
+        r, memory = self.memory(self.write_norm(w) if self.write_norm is not None else w, state.memory)
         next_state = TitansMACState(
             memory=memory,
             segment_weights=seg_weights,

@@ -401,7 +401,10 @@ def ref_mac(mod: TitansMAC, x: torch.Tensor) -> torch.Tensor:
         y = mod.attn_out(merge(torch.cat(att, dim=2)))
         ys.append(x[:, s0:s1] + y if mod.config.write_input == "residual" else y)
         reads = ref_memory(mem, mod.write_norm(torch.cat(ys, dim=1)))  # eq. 24: written with norm(.), read after each write
-        outs.append(mod.out(y * 2 * torch.sigmoid(mod.read_norm(reads[:, s0:s1]))))  # eq. 25, the gate
+        if mod.config.output == "add":  # not the paper's: the read added through its own projection
+            outs.append(mod.out(y) + mod.memory_out(mod.read_norm(reads[:, s0:s1])))
+        else:
+            outs.append(mod.out(y * 2 * torch.sigmoid(mod.read_norm(reads[:, s0:s1]))))  # eq. 25, the gate
     return torch.cat(outs, dim=1)
 
 
@@ -436,10 +439,11 @@ def test_lmm_matches_reference(x, max_momentum):
         assert_close(run_module(mod, x, [5, 6, 13])[0], want, **placement_op(mod))
 
 
-@pytest.mark.parametrize("write_input", ["residual", "attention"])
-def test_mac_matches_reference(x, write_input):
+@pytest.mark.parametrize("write_input, output", [("residual", "gate"), ("attention", "gate"), ("residual", "add")])
+def test_mac_matches_reference(x, write_input, output):
     torch.manual_seed(0)
-    mod = perturbed(TitansMAC(D, H, TitansMACConfig(segment_len=8, n_persistent=2, write_input=write_input, **SMALL)))
+    config = TitansMACConfig(segment_len=8, n_persistent=2, write_input=write_input, output=output, **SMALL)
+    mod = perturbed(TitansMAC(D, H, config))
     with torch.no_grad():
         assert_close(run_module(mod, x, [3, 11, 12])[0], ref_mac(mod, x), **placement_op(mod))
 

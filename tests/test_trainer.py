@@ -227,13 +227,13 @@ def test_warm_start_copies_the_shared_backbone(tmp_path):
         warm_start(target, tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("name", ["titans-mac", "titans-mag", "titans-mal"])
-def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
+@pytest.mark.parametrize("name, options", [("titans-mac", {}), ("titans-mac", {"output": "add"}), ("titans-mag", {}), ("titans-mal", {})])
+def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name, options):
     from memzoo.training import warm_start
 
     source = make("full")
     source.save_pretrained(tmp_path / "full")
-    target = make(name, chunk_size=4, **({"segment_len": 8} if name == "titans-mac" else {"window": 8}))
+    target = make(name, chunk_size=4, **({"segment_len": 8} if name == "titans-mac" else {"window": 8}), **options)
     report = warm_start(target, tmp_path / "full")
     own, src = dict(target.named_parameters()), dict(source.named_parameters())
     qkv = src["blocks.1.mixer.qkv.weight"]
@@ -245,7 +245,10 @@ def test_warm_start_maps_attention_onto_titans_softmax_branch(tmp_path, name):
     if name == "titans-mac":  # the output gate starts at exactly 1 and W_O = I: the attention output passes unchanged
         torch.testing.assert_close(own["blocks.1.mixer.out.weight"], torch.eye(32), atol=0, rtol=0)
         torch.testing.assert_close(own["blocks.1.mixer.attn_out.weight"], src["blocks.1.mixer.out.weight"], atol=0, rtol=0)
-        assert float(own["blocks.1.mixer.read_norm.weight"].abs().max()) == 0.0
+        if options.get("output") == "add":  # the read's projection starts at 0: the output is W_O y alone
+            assert float(own["blocks.1.mixer.memory_out.weight"].abs().max()) == 0.0
+        else:
+            assert float(own["blocks.1.mixer.read_norm.weight"].abs().max()) == 0.0
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

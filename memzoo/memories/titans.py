@@ -211,8 +211,12 @@ class TitansMACConfig(TitansConfig):
         output: the paper's ``y (x) M*(y)``. ``"gate"``: ``y * 2 sigmoid(RMSNorm(M*(y)))``, a
             normalisation and a non-linearity as the paper describes its gates, with the norm's
             weight starting at 0 so the gate starts at exactly 1 (the local path untouched:
-            a warm start behaves like its backbone). ``"product"``: the raw ``y * M*(y)``
-            (memzoo before; the read has ~50% negative entries, so it scrambles the local path).
+            a warm start behaves like its backbone); the read then gets no gradient through the
+            gate until the norm's weight moves (its only other path is the ``h`` tokens).
+            ``"add"`` (not the paper's, as ``titans-mag``'s): ``W_O y + W_M RMSNorm(M*(y))`` with
+            ``W_M`` zero at init, so a warm start is its backbone and the read reaches the output
+            directly. ``"product"``: the raw ``y * M*(y)`` (memzoo before; the read has ~50%
+            negative entries, so it scrambles the local path).
         write_norm: write (and read) the memory with ``RMSNorm(y)`` instead of the attention output
             ``y`` itself, whose rms is ~0.01 at initialisation: values that small make the memory's
             writes, and so the gradients of W_V and the gates, vanish.
@@ -229,7 +233,7 @@ class TitansMACConfig(TitansConfig):
 
     segment_len: int = field(default=512, metadata=bounds(ge=1))
     n_persistent: int = field(default=4, metadata=bounds(ge=0))
-    output: str = field(default="gate", metadata=bounds(choices=("gate", "product")))
+    output: str = field(default="gate", metadata=bounds(choices=("gate", "add", "product")))
     gate_init: float = field(default=0.0, metadata=bounds(ge=0))
     write_norm: bool = True
     write_input: str = field(default="residual", metadata=bounds(choices=("residual", "attention")))
@@ -786,17 +790,24 @@ class TitansMAC(_WithPersistent):
         self.attn = _Projections(d_model, n_heads)
         self.attn_out = nn.Linear(d_model, d_model, bias=False)
         self.write_norm = RMSNorm(d_model) if config.write_norm else None
-        self.read_norm = RMSNorm(d_model) if config.output == "gate" else None
+        self.read_norm = RMSNorm(d_model) if config.output in ("gate", "add") else None
+        self.memory_out = nn.Linear(d_model, d_model, bias=False) if config.output == "add" else None
+        self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Persistent tokens ~ N(0, 1); the output gate's norm weight ``gate_init`` (0 by default: the gate starts at exactly 1)."""
+        """Persistent tokens ~ N(0, 1); the output gate's norm weight ``gate_init`` (0 by default: the gate starts at
+        exactly 1), or with ``output="add"`` the read's projection W_M at 0."""
         super().reset_memory_parameters()
-        if getattr(self, "read_norm", None) is not None:  # None while the parent's __init__ runs
+        if not hasattr(self, "memory_out"):  # the parent's __init__ runs this before the layers exist
+            return
+        if self.config.output == "gate":
             nn.init.constant_(self.read_norm.weight, self.config.gate_init)
+        elif self.memory_out is not None:
+            nn.init.zeros_(self.memory_out.weight)
 
     def weights_from_attention(self, attention: dict[str, Tensor]) -> dict[str, Tensor]:
-        """As the other placements, and W_O = I: with the gate at 1 the warm start is the backbone's attention
-        (plus the persistent tokens and memory reads it attends to)."""
+        """As the other placements, and W_O = I: with the gate at 1 (or the read's projection at 0) the warm start
+        is the backbone's attention (plus the persistent tokens and memory reads it attends to)."""
         weights = super().weights_from_attention(attention)
         if self.read_norm is not None:
             weights["out.weight"] = torch.eye(self.out.weight.shape[0], dtype=self.out.weight.dtype)
@@ -877,6 +888,8 @@ class TitansMAC(_WithPersistent):
             x_values=x_values,
             position=state.position + m,
         )
+        if self.memory_out is not None:
+            return self.out(y) + self.memory_out(self.read_norm(r)), next_state
         gate = 2 * torch.sigmoid(self.read_norm(r)) if self.read_norm is not None else r
         return self.out(y * gate), next_state
 

@@ -216,8 +216,9 @@ class TitansMACConfig(TitansConfig):
             ``"add"`` (not the paper's, as ``titans-mag``'s): ``W_O y + W_M RMSNorm(M*(y))`` with
             ``W_M`` zero at init, so a warm start is its backbone and the read reaches the output
             directly: in the 4-fact learning check 0.33-0.36 against 0.04-0.08 knocked out on both
-            seeds run, where ``"gate"`` learnt on one of the two. ``"product"``: the raw ``y * M*(y)`` (memzoo before; the read has ~50%
-            negative entries, so it scrambles the local path).
+            seeds run, where ``"gate"`` learnt on one of the two. ``"product"``: the raw
+            ``y * M*(y)`` (memzoo before; the read has ~50% negative entries, so it scrambles the
+            local path).
         write_norm: write (and read) the memory with ``RMSNorm(y)`` instead of the attention output
             ``y`` itself, whose rms is ~0.01 at initialisation: values that small make the memory's
             writes, and so the gradients of W_V and the gates, vanish.

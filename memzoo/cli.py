@@ -92,6 +92,11 @@ def _existing_file(text: str) -> str:
     return text
 
 
+def _checkpoint_design(folder: str | Path) -> str:
+    """The registry name a checkpoint was saved with, from its ``config.json`` (no torch)."""
+    return json.loads((Path(folder) / "config.json").read_text())["memory"]
+
+
 def _catalog() -> dict:
     """The designs and their defaults, from the catalog the registry writes (``memzoo.registry.CATALOG``), without torch."""
     return json.loads(Path(__file__).with_name("catalog.json").read_text())
@@ -283,7 +288,7 @@ def _part_cost(path: str, memory_off: bool, lengths: list[int]) -> float:
     bench speed at these lengths; an eviction cache's control streams like ``window``, and ``full`` has none."""
     from memzoo.progress import stream_cost
 
-    design = json.loads((Path(path) / "config.json").read_text())["memory"]
+    design = _checkpoint_design(path)
     if memory_off and design == "full":
         return 0.0
     if memory_off and "budget" in _catalog().get(design, {}).get("defaults", {}):
@@ -520,7 +525,7 @@ def _default_results(checkpoint: str | Path, task: str) -> Path:
     """The committed results of a shipped checkpoint: ``docs/results/<task>/<stem>.json`` of the repository
     its ``checkpoints/`` folder sits in (``checkpoints/recall-namm`` -> ``docs/results/recall/namm.json``)."""
     folder = Path(checkpoint)
-    design = json.loads((folder / "config.json").read_text())["memory"]
+    design = _checkpoint_design(folder)
     record = folder / "training.json"
     trained_on = json.loads(record.read_text()).get("task") if record.is_file() else None
     results = "booksum-events" if trained_on == "booksum-synthetic" else task  # books with known events have their own folder
